@@ -1,0 +1,360 @@
+"""Convert a HF checkpoint (local folder or hub id) or a GGUF file into our `model.pth`.
+
+    python convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B   # writes DIR/model.pth
+    python convert_hf_checkpoint.py --repo_id Qwen/Qwen2.5-0.5B-Instruct                   # downloads, then converts
+    python convert_hf_checkpoint.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --checkpoint_dir checkpoints/SmolLM2-135M-Instruct
+
+The model's shape always comes from the checkpoint's own config (config.json, or the GGUF metadata).
+`model.pth` holds {"model_args": ..., "quantization": ..., "state_dict": ...} so that every file,
+quantized ones too, describes itself; tokenizer files are written next to it.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import ModelArgs
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "chat_template.jinja",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(Exception):
+    """Bad input: reported as one line with exit code 2."""
+
+
+# HF parameter names -> ours. q/k/v are fused into wqkv afterwards.
+HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+
+GGUF_LAYER_NAMES = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "attn_q_norm": "attention.q_norm",
+    "attn_k_norm": "attention.k_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
+GGUF_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+
+
+def rename(name: str, top_names: dict, layer_pattern: str, layer_names: dict) -> str:
+    if name in top_names:
+        return top_names[name]
+    match = re.fullmatch(layer_pattern, name)
+    if match and match.group(2) in layer_names:
+        return f"layers.{match.group(1)}.{layer_names[match.group(2)]}.{match.group(3)}"
+    raise ConversionError(f"weight {name!r} is not part of a supported Llama/Mistral/Qwen model; cannot convert it")
+
+
+def fuse_qkv(state_dict: dict, args: ModelArgs) -> dict:
+    """Concatenate each layer's q, k, v (weights and biases) into one wqkv, as the model reads them."""
+    for i in range(args.n_layer):
+        for kind in ("weight", "bias"):
+            parts = [f"layers.{i}.attention.{w}.{kind}" for w in ("wq", "wk", "wv")]
+            if all(p in state_dict for p in parts):
+                state_dict[f"layers.{i}.attention.wqkv.{kind}"] = torch.cat([state_dict.pop(p) for p in parts])
+            elif any(p in state_dict for p in parts):
+                raise ConversionError(f"layer {i} has only some of q/k/v {kind}s; the checkpoint is incomplete")
+    if args.tie_word_embeddings:
+        state_dict.pop("output.weight", None)
+    return state_dict
+
+
+def check_complete(state_dict: dict, args: ModelArgs):
+    """Every parameter the model declares must be present with the shape the config implies."""
+    from model import Transformer
+
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    if args.tie_word_embeddings:
+        expected.pop("output.weight")
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise ConversionError(f"checkpoint lacks {len(missing)} weights the config implies, e.g. {missing[0]!r}")
+    for name, tensor in state_dict.items():
+        if name not in expected:
+            raise ConversionError(f"weight {name!r} does not belong to the model the config describes")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConversionError(
+                f"weight {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
+            )
+
+
+def save_checkpoint(path: Path, model_args: ModelArgs, state_dict: dict, quantization=None):
+    """Write atomically: a failure or interruption never leaves a half-written file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save({"model_args": model_args.to_dict(), "quantization": quantization, "state_dict": state_dict}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint dict, memory-mapped: tensors are paged in when used, not all at once."""
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
+        raise ConversionError(f"{path} is not a checkpoint written by convert_hf_checkpoint.py; convert it first")
+    return checkpoint
+
+
+def cast(state_dict: dict, dtype):
+    # Norm weights and everything else go to one dtype: the model runs in one dtype.
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+# ---------------------------------------------------------------- HF folders
+
+
+def hf_weight_files(directory: Path) -> list:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise ConversionError(f"{index} names shard {missing[0]!r}, which is not in {directory}; download it")
+            return [directory / s for s in shards]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return [directory / single]
+    raise ConversionError(f"no model.safetensors, pytorch_model.bin or shard index in {directory}")
+
+
+def read_weight_file(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def convert_hf_folder(directory: Path, output: Path, dtype=None) -> tuple:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path} not found; --checkpoint_dir must be a HF model folder with its config.json")
+    config = json.loads(config_path.read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if config.get("mlp_bias"):
+        raise ConversionError("MLP biases (mlp_bias=true) are not supported")
+    args = ModelArgs.from_hf_config(config)
+    state_dict = {}
+    files = hf_weight_files(directory)
+    with tqdm(total=len(files), desc="reading shards", unit="file", disable=len(files) < 2) as bar:
+        for file in files:
+            for name, tensor in read_weight_file(file).items():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a cached rope buffer some old checkpoints carry; we recompute it
+                state_dict[rename(name, HF_TOP_NAMES, r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", HF_LAYER_NAMES)] = tensor
+            bar.update()
+    state_dict = cast(fuse_qkv(state_dict, args), dtype)
+    check_complete(state_dict, args)
+    if directory.resolve() != output.parent.resolve():
+        for name in TOKENIZER_FILES:
+            if (directory / name).is_file():
+                shutil.copy(directory / name, output.parent / name)
+    return args, state_dict
+
+
+def download(repo_id: str, checkpoints: Path) -> Path:
+    """Download a hub model's config, tokenizer and weights (safetensors when it has them) into checkpoints/ORG/NAME."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    files = list_repo_files(repo_id)
+    weights = ["*.safetensors", "model.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) else [
+        "*.bin", "pytorch_model.bin.index.json"]
+    target = checkpoints / repo_id
+    snapshot_download(repo_id, local_dir=target, allow_patterns=["config.json", *TOKENIZER_FILES, *weights])
+    return target
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_model_args(reader) -> ModelArgs:
+    arch = gguf_field(reader, "general.architecture")
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ConversionError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    names = {t.name for t in reader.tensors}
+
+    def get(key, default=None):
+        return gguf_field(reader, f"{arch}.{key}", default)
+
+    n_head = get("attention.head_count")
+    dim = get("embedding_length")
+    rope_scaling = None
+    if get("rope.scaling.type") == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens") or []
+    window = get("attention.sliding_window")
+    return ModelArgs(
+        vocab_size=get("vocab_size") or len(tokens),
+        dim=dim,
+        n_layer=get("block_count"),
+        n_head=n_head,
+        n_local_heads=get("attention.head_count_kv") or n_head,
+        head_dim=get("attention.key_length") or dim // n_head,
+        intermediate_size=get("feed_forward_length"),
+        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=get("context_length", 4096),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        sliding_window=window or None,
+    )
+
+
+def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp interleaves each head's rope pairs (Meta layout); put them back in HF's rotate-half order."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def gguf_tensor(tensor) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest first
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+        data = tensor.data
+        if tensor.tensor_type == GGMLQuantizationType.BF16:
+            return torch.from_numpy(data.copy()).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(data.copy()).reshape(shape)
+    return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)).reshape(shape)
+
+
+def convert_gguf(path: Path, output: Path, dtype=None) -> tuple:
+    try:
+        import gguf
+    except ImportError:
+        raise ConversionError("reading GGUF needs the gguf package: pip install gguf")
+    if not path.is_file():
+        raise ConversionError(f"GGUF file {path} not found")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as error:  # the gguf package raises assorted errors on a bad file
+        raise ConversionError(f"{path} is not a readable GGUF file ({error})")
+    args = gguf_model_args(reader)
+    arch = gguf_field(reader, "general.architecture")
+    state_dict = {}
+    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
+        name = rename(tensor.name, GGUF_TOP_NAMES, r"blk\.(\d+)\.(\w+)\.(weight|bias)", GGUF_LAYER_NAMES)
+        weight = gguf_tensor(tensor).float()
+        if arch == "llama" and name.endswith(("attention.wq.weight", "attention.wq.bias")):
+            weight = unpermute_rope_rows(weight, args.n_head)
+        elif arch == "llama" and name.endswith(("attention.wk.weight", "attention.wk.bias")):
+            weight = unpermute_rope_rows(weight, args.n_local_heads)
+        state_dict[name] = weight
+    state_dict = cast(fuse_qkv(state_dict, args), dtype)
+    check_complete(state_dict, args)
+    write_gguf_tokenizer(path, reader, output.parent)
+    return args, state_dict
+
+
+def write_gguf_tokenizer(path: Path, reader, directory: Path):
+    """tokenizer.json + tokenizer_config.json (chat template) + generation_config.json (EOS) from the GGUF metadata."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    template = gguf_field(reader, "tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(directory))
+    eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    generation = {"bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"), "eos_token_id": eos}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoints=Path("checkpoints")) -> Path:
+    start = time.perf_counter()
+    if repo_id:
+        checkpoint_dir = download(repo_id, checkpoints)
+    if gguf:
+        gguf = Path(gguf)
+        output_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoints / gguf.stem.split(".")[0]
+        output_dir.mkdir(parents=True, exist_ok=True)
+        output = output_dir / "model.pth"
+        args, state_dict = convert_gguf(gguf, output, dtype)
+    else:
+        directory = Path(checkpoint_dir)
+        if not directory.is_dir():
+            raise ConversionError(f"checkpoint directory {directory} not found")
+        output = directory / "model.pth"
+        args, state_dict = convert_hf_folder(directory, output, dtype)
+    save_checkpoint(output, args, state_dict)
+    params = sum(t.numel() for t in state_dict.values())
+    size = sum(t.numel() * t.element_size() for t in state_dict.values())
+    print(
+        f"Converted {len(state_dict)} tensors, {params / 1e6:.1f} M parameters, {size / 1e9:.2f} GB "
+        f"in {time.perf_counter() - start:.1f} s -> {output}"
+    )
+    return output
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint_dir", type=Path, help="local HF model folder (model.pth is written into it); with --gguf, the output folder")
+    source.add_argument("--repo_id", help="hub id ORG/NAME: downloaded into checkpoints/ORG/NAME, then converted")
+    parser.add_argument("--gguf", type=Path, help="GGUF file to convert (config and tokenizer are taken from it)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="stored dtype (auto: as in the source; GGUF: float32)")
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where --repo_id and --gguf outputs go")
+    if "--gguf" in (argv if argv is not None else sys.argv[1:]):
+        # --gguf stands alone as a source; --checkpoint_dir then only names the output folder.
+        for action in source._group_actions:
+            action.required = False
+        source.required = False
+    args = parser.parse_args(argv)
+    if args.gguf and args.repo_id:
+        parser.error("--gguf and --repo_id are two different sources; give one")
+    try:
+        convert(args.checkpoint_dir, args.repo_id, args.gguf, DTYPES.get(args.dtype), args.checkpoints)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
