@@ -1,0 +1,154 @@
+"""Converter: every HF weight layout gives the same checkpoint; GGUF matches transformers' own GGUF loader;
+bad input is one line, exit code 2 and no model.pth."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import convert_hf_checkpoint
+from convert_hf_checkpoint import convert, load_checkpoint, main, unpermute_rope_rows
+
+
+def state_dict_of(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+def save_bin_layout(hf_model, folder, shards: int):
+    """Old hub layout, which transformers 5 no longer writes: pytorch_model.bin, or shards with an index."""
+    hf_model.config.save_pretrained(folder)
+    state_dict = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    if shards == 1:
+        torch.save(state_dict, folder / "pytorch_model.bin")
+        return
+    names, weight_map = list(state_dict), {}
+    for shard in range(shards):
+        file = f"pytorch_model-{shard + 1:05d}-of-{shards:05d}.bin"
+        part = names[shard::shards]
+        torch.save({k: state_dict[k] for k in part}, folder / file)
+        weight_map.update({k: file for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("layout", ["sharded_safetensors", "single_bin", "sharded_bin"])
+def test_weight_layouts_convert_identically(layout, tiny_models, tmp_path):
+    hf_model, _, reference = tiny_models["qwen2"]
+    if layout == "sharded_safetensors":
+        hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    else:
+        save_bin_layout(hf_model, tmp_path, shards=1 if layout == "single_bin" else 3)
+    ours, expected = state_dict_of(convert(checkpoint_dir=tmp_path)), state_dict_of(reference)
+    assert ours.keys() == expected.keys()
+    assert all(torch.equal(ours[k], expected[k]) for k in ours)
+
+
+def test_dtype_flag_and_tokenizer_files_copied(tiny_models, tmp_path):
+    _, folder, _ = tiny_models["llama"]
+    source = tmp_path / "src"
+    shutil.copytree(folder, source, ignore=shutil.ignore_patterns("model.pth"))
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4]}))
+    out = convert(checkpoint_dir=source, dtype=torch.bfloat16)
+    checkpoint = load_checkpoint(out)
+    assert {t.dtype for t in checkpoint["state_dict"].values()} == {torch.bfloat16}
+    assert "output.weight" not in checkpoint["state_dict"]  # tied: stored once
+    assert checkpoint["model_args"]["tie_word_embeddings"] is True
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_missing_folder(tmp_path, capsys):
+    code, err = run_main(["--checkpoint_dir", tmp_path / "nope"], capsys)
+    assert code == 2 and "checkpoint directory" in err and "not found" in err
+    assert err.count("\n") == 1
+
+
+def test_folder_without_config(tmp_path, capsys):
+    code, err = run_main(["--checkpoint_dir", tmp_path], capsys)
+    assert code == 2 and "config.json not found" in err
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_unsupported_model_type(tiny_models, tmp_path, capsys):
+    _, folder, _ = tiny_models["llama"]
+    shutil.copytree(folder, tmp_path / "m", ignore=shutil.ignore_patterns("model.pth"))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    code, err = run_main(["--checkpoint_dir", tmp_path / "m"], capsys)
+    assert code == 2 and "model_type 'gpt2' is not supported" in err
+    assert not (tmp_path / "m" / "model.pth").exists()
+
+
+def test_missing_shard(tiny_models, tmp_path, capsys):
+    hf_model, _, _ = tiny_models["llama"]
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    code, err = run_main(["--checkpoint_dir", tmp_path], capsys)
+    assert code == 2 and shard.name in err
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_config_that_does_not_fit_the_weights(tiny_models, tmp_path, capsys):
+    _, folder, _ = tiny_models["mistral"]
+    shutil.copytree(folder, tmp_path / "m", ignore=shutil.ignore_patterns("model.pth"))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    code, err = run_main(["--checkpoint_dir", tmp_path / "m"], capsys)
+    assert code == 2 and "feed_forward" in err and "config implies" in err
+    assert not (tmp_path / "m" / "model.pth").exists()
+
+
+def test_failed_write_leaves_no_checkpoint(tiny_models, tmp_path, monkeypatch):
+    """An interruption while writing (here: the disk fills up) leaves neither model.pth nor the temporary file."""
+    _, folder, _ = tiny_models["llama"]
+    shutil.copytree(folder, tmp_path / "m", ignore=shutil.ignore_patterns("model.pth"))
+
+    def failing_save(obj, path):
+        open(path, "wb").write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(convert_hf_checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError):
+        convert(checkpoint_dir=tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").glob("model.pth*")) == []
+
+
+def test_bad_gguf_file(tmp_path, capsys):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf at all" * 10)
+    code, err = run_main(["--gguf", bad, "--checkpoint_dir", tmp_path / "out"], capsys)
+    assert code == 2 and "not a readable GGUF file" in err
+    assert not (tmp_path / "out" / "model.pth").exists()
+    code, err = run_main(["--gguf", tmp_path / "missing.gguf", "--checkpoint_dir", tmp_path / "out"], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    """llama.cpp's converter permutes q/k rows (HF rotate-half -> interleaved pairs); we must undo exactly that."""
+    n_heads, head_dim = 3, 8
+    weight = torch.randn(n_heads * head_dim, 5)
+    # The permutation as llama.cpp's convert_hf_to_gguf.py applies it.
+    permuted = weight.reshape(n_heads, 2, head_dim // 2, 5).swapaxes(1, 2).reshape(weight.shape)
+    assert not torch.equal(permuted, weight)
+    assert torch.equal(unpermute_rope_rows(permuted, n_heads), weight)
+
+
+@pytest.mark.slow
+def test_gguf_logits_match_transformers_gguf_loader(smollm2_gguf, smollm2_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from generate import load_model
+
+    reference = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                     dtype=torch.float32).eval()
+    model = load_model(smollm2_checkpoint, "cpu", torch.float32)
+    tokens = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    model.setup_caches(1, 48)
+    with torch.no_grad():
+        difference = (model(tokens, torch.arange(48)) - reference(tokens).logits).abs().max()
+    assert difference < 1e-4

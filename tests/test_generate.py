@@ -1,0 +1,119 @@
+"""generate.py: sampling, the CLI on the real model (eager and compiled), and its errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+from generate import logits_to_probs, sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_top_k_keeps_only_k_tokens():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
+    probs = logits_to_probs(logits, temperature=1.0, top_k=2)
+    assert torch.equal(probs > 0, torch.tensor([[False, True, True, False, False]]))
+    assert torch.allclose(probs.sum(), torch.tensor(1.0))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs_in = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    probs = logits_to_probs(probs_in.log(), temperature=1.0, top_p=0.7)
+    assert torch.equal(probs > 0, torch.tensor([[True, True, False, False]]))  # 0.5 < 0.7 <= 0.8
+    assert torch.allclose(probs[0, :2], torch.tensor([0.5, 0.3]) / 0.8)
+
+
+def test_sampling_follows_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)[:, None, :]
+    tokens, _ = sample(logits, temperature=1.0)
+    frequencies = torch.bincount(tokens[:, 0], minlength=3).float() / 20000
+    assert torch.allclose(frequencies, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.015)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 3, 50)
+    tokens, _ = sample(logits, temperature=0)
+    assert torch.equal(tokens[:, 0], logits[:, -1].argmax(-1))
+
+
+def run_cli(*args, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def main_exit(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code, err = main_exit(["--checkpoint_path", tmp_path / "model.pth"], capsys)
+    assert code == 2 and "checkpoint" in err and "not found" in err and "prepare.sh" in err
+
+
+def test_not_our_checkpoint(tmp_path, capsys):
+    torch.save({"some": torch.zeros(2)}, tmp_path / "model.pth")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    code, err = main_exit(["--checkpoint_path", tmp_path / "model.pth"], capsys)
+    assert code == 2 and "not a checkpoint written by convert_hf_checkpoint.py" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "float64"], "invalid choice: 'float64'"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_bad_flag_values(flags, message, capsys):
+    code, err = main_exit(flags, capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_cache(smollm2_checkpoint, capsys):
+    code, err = main_exit(["--checkpoint_path", smollm2_checkpoint, "--prompt", "one two three four five six",
+                           "--max_seq_length", "4"], capsys)
+    assert code == 2 and "the prompt is" in err and "raise --max_seq_length" in err
+    assert err.strip().count("\n") == 1  # the "Loaded" line, then the one error line
+
+
+@pytest.mark.slow
+def test_chat_answers_paris_eager_and_compiled_identically(smollm2_checkpoint):
+    """The real model answers the capital question; the compiled decode gives exactly the eager tokens."""
+    prompt = "What is the capital of France? Answer, then name three famous monuments there."
+    common = ["--checkpoint_path", smollm2_checkpoint, "--chat", "--prompt", prompt, "--dtype", "float32",
+              "--max_new_tokens", "48"]
+    eager, compiled = run_cli(*common), run_cli(*common, "--compile")
+    assert eager.returncode == 0, eager.stderr
+    assert compiled.returncode == 0, compiled.stderr
+    assert "Paris" in eager.stdout
+    assert compiled.stdout == eager.stdout
+    assert "Compilation time" in compiled.stderr
+    assert "tok/s" in compiled.stderr and "GB/s" in compiled.stderr and "peak memory" in compiled.stderr
+
+
+@pytest.mark.slow
+def test_chat_stops_at_eos_bfloat16(smollm2_checkpoint):
+    result = run_cli("--checkpoint_path", smollm2_checkpoint, "--chat", "--prompt", "What is the capital of France?",
+                     "--max_new_tokens", "100")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    generated = int(result.stderr.split("Generated ")[1].split(" tokens")[0])
+    assert generated < 100  # stopped at <|im_end|>, not at the token limit
+    assert "<|im_end|>" not in result.stdout
+
+
+def test_corrupt_tokenizer(tiny_models, tmp_path, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    (tmp_path / "model.pth").symlink_to(checkpoint)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    code, err = main_exit(["--checkpoint_path", tmp_path / "model.pth"], capsys)
+    assert code == 2 and "cannot read the tokenizer" in err
