@@ -1,7 +1,7 @@
 """Generate text: prefill the prompt, then a torch.compile'd one-token decode loop over a static KV cache.
 
-    python generate.py --compile --chat --checkpoint_path checkpoints/SmolLM2-135M-Instruct/model.pth \
-        --prompt "What is the capital of France?"
+    python generate.py --compile --chat --prompt "What is the capital of France?"
+    python generate.py --compile --chat --interactive --checkpoint_path checkpoints/ORG/NAME/model.pth
 """
 import argparse
 import contextlib
@@ -202,7 +202,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default="Hello, my name is", help="the prompt (the user message with --chat)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
+    parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=1)
@@ -260,6 +260,8 @@ def run(args):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     prompts = sys.stdin if args.interactive else [args.prompt]
+    if args.interactive and args.max_seq_length is None:
+        args.max_seq_length = 1024  # one cache size for every prompt: a compiled decode is not rebuilt per prompt
     compiled = False
     for text in prompts:
         text = text.rstrip("\n")
