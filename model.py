@@ -155,12 +155,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if self.n_local_heads != self.n_head:
-            repeat = self.n_head // self.n_local_heads
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self.attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """q [batch, heads, seq, head_dim]; k, v [batch, kv_heads, cache_len, head_dim] as the cache holds them."""
+        # enable_gqa shares each KV head across its query group without copying the cache.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_head)
 
 
 class FeedForward(nn.Module):

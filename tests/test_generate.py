@@ -133,3 +133,19 @@ def test_decode_linear_equals_linear(bias):
     x = torch.randn(3, 5, 48)  # prefill-shaped input takes the matmul
     assert torch.equal(decode(x), linear(x))
     assert reference.shape == (3, 5, 40)
+
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    """attend() shares each KV head across its query group (enable_gqa) instead of copying the cache."""
+    from model import Attention, ModelArgs
+
+    args = ModelArgs(dim=64, n_head=6, n_local_heads=2, n_layer=1, vocab_size=8, intermediate_size=8)
+    attention = Attention(args, 0)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 4, 32), torch.randn(2, 2, 20, 32), torch.randn(2, 2, 20, 32)
+    mask = torch.zeros(1, 1, 4, 20, dtype=torch.bool)
+    mask[..., 3:13] = True  # a window of the cache, as a sliding window or a partly filled cache gives
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
+    assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)
