@@ -262,7 +262,26 @@ def gguf_tensor(tensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)).reshape(shape)
 
 
-def convert_gguf(path: Path, output: Path, dtype=None) -> tuple:
+def gguf_int4_parts(tensor):
+    """A Q4_0 / Q4_1 tensor as our int4 g32 parts (values 0..15, scales, zeros), read from its blocks directly.
+
+    Block layout (ggml): fp16 d, [fp16 m,] 16 bytes whose low nibbles are elements 0-15 and high nibbles
+    16-31. Q4_1 is d * q + m and Q4_0 is d * (q - 8); in our (q - 8) * scale + zero form scale = d and
+    zero = m + 8 d (Q4_1) or 0 (Q4_0).
+    """
+    from gguf import GGMLQuantizationType
+
+    rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+    has_min = tensor.tensor_type == GGMLQuantizationType.Q4_1
+    blocks = torch.from_numpy(tensor.data.copy()).reshape(rows, -1, 20 if has_min else 18)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+    nibbles = blocks[..., 4:] if has_min else blocks[..., 2:]
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
+    zeros = d * 8 + blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1) if has_min else torch.zeros_like(d)
+    return q, d, zeros
+
+
+def convert_gguf(path: Path, output: Path, dtype=None, keep_quantization: bool = False) -> tuple:
     try:
         import gguf
     except ImportError:
@@ -275,19 +294,48 @@ def convert_gguf(path: Path, output: Path, dtype=None) -> tuple:
         raise ConversionError(f"{path} is not a readable GGUF file ({error})")
     args = gguf_model_args(reader)
     arch = gguf_field(reader, "general.architecture")
-    state_dict = {}
-    for tensor in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):
+    from gguf import GGMLQuantizationType
+
+    int4_types = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+    state_dict, int4 = {}, {}
+    for tensor in tqdm(reader.tensors, desc="reading GGUF", unit="tensor"):
         name = rename(tensor.name, GGUF_TOP_NAMES, r"blk\.(\d+)\.(\w+)\.(weight|bias)", GGUF_LAYER_NAMES)
-        weight = gguf_tensor(tensor).float()
-        if arch == "llama" and name.endswith(("attention.wq.weight", "attention.wq.bias")):
-            weight = unpermute_rope_rows(weight, args.n_head)
-        elif arch == "llama" and name.endswith(("attention.wk.weight", "attention.wk.bias")):
-            weight = unpermute_rope_rows(weight, args.n_local_heads)
-        state_dict[name] = weight
+        keep = keep_quantization and tensor.tensor_type in int4_types and name.startswith("layers.")
+        parts = gguf_int4_parts(tensor) if keep else (gguf_tensor(tensor).float(),)
+        heads = {"wq": args.n_head, "wk": args.n_local_heads}.get(name.split(".")[-2])
+        if arch == "llama" and heads:  # q/k rows (and their scales and zeros) back to HF's order
+            parts = tuple(unpermute_rope_rows(part, heads) for part in parts)
+        if keep:
+            int4[name] = parts
+        else:
+            state_dict[name] = parts[0]
+    quantization = int4_state_dict(int4, state_dict, args) if keep_quantization else None
     state_dict = cast(fuse_qkv(state_dict, args), dtype)
-    check_complete(state_dict, args)
+    if quantization is None:
+        check_complete(state_dict, args)
     write_gguf_tokenizer(path, reader, output.parent)
-    return args, state_dict
+    return args, state_dict, quantization
+
+
+def int4_state_dict(int4: dict, state_dict: dict, args: ModelArgs) -> dict:
+    """Put the GGUF's int4 layers into `state_dict` in our Int4Linear layout; returns the quantization record.
+
+    q, k and v are fused when all three are int4; a layer whose parts came in other types is dequantized."""
+    from quantize import dequantize_int4, pack_int4
+
+    for i in range(args.n_layer):
+        names = [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv")]
+        if all(n in int4 for n in names):
+            int4[f"layers.{i}.attention.wqkv.weight"] = tuple(torch.cat(p) for p in zip(*(int4.pop(n) for n in names)))
+        for n in names:
+            if n in int4:
+                state_dict[n] = dequantize_int4(*int4.pop(n), 32)
+    layers = {}
+    for name, (q, scales, zeros) in int4.items():
+        prefix = name.removesuffix(".weight")
+        state_dict.update({f"{prefix}.weight": pack_int4(q), f"{prefix}.scales": scales, f"{prefix}.zeros": zeros})
+        layers[prefix] = "int4"
+    return {"mode": "int4", "groupsize": 32, "layers": layers, "skipped": {}, "source": "gguf"}
 
 
 def write_gguf_tokenizer(path: Path, reader, directory: Path):
@@ -307,29 +355,30 @@ def write_gguf_tokenizer(path: Path, reader, directory: Path):
 # ---------------------------------------------------------------- CLI
 
 
-def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoints=Path("checkpoints")) -> Path:
+def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoints=Path("checkpoints"),
+            keep_quantization=False) -> Path:
     start = time.perf_counter()
     if repo_id:
         checkpoint_dir = download(repo_id, checkpoints)
+    quantization = None
     if gguf:
         gguf = Path(gguf)
         output_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoints / gguf.stem.split(".")[0]
         output_dir.mkdir(parents=True, exist_ok=True)
-        output = output_dir / "model.pth"
-        args, state_dict = convert_gguf(gguf, output, dtype)
+        output = output_dir / ("model_int4.g32.pth" if keep_quantization else "model.pth")
+        args, state_dict, quantization = convert_gguf(gguf, output, dtype, keep_quantization)
     else:
         directory = Path(checkpoint_dir)
         if not directory.is_dir():
             raise ConversionError(f"checkpoint directory {directory} not found")
         output = directory / "model.pth"
         args, state_dict = convert_hf_folder(directory, output, dtype)
-    save_checkpoint(output, args, state_dict)
-    params = sum(t.numel() for t in state_dict.values())
+    save_checkpoint(output, args, state_dict, quantization)
     size = sum(t.numel() * t.element_size() for t in state_dict.values())
-    print(
-        f"Converted {len(state_dict)} tensors, {params / 1e6:.1f} M parameters, {size / 1e9:.2f} GB "
-        f"in {time.perf_counter() - start:.1f} s -> {output}"
-    )
+    what = f"{len(quantization['layers'])} int4 layers kept from the GGUF" if quantization else \
+        f"{sum(t.numel() for t in state_dict.values()) / 1e6:.1f} M parameters"
+    print(f"Converted {len(state_dict)} tensors ({what}), {size / 1e9:.2f} GB "
+          f"in {time.perf_counter() - start:.1f} s -> {output}")
     return output
 
 
@@ -340,6 +389,8 @@ def main(argv=None):
     source.add_argument("--repo_id", help="hub id ORG/NAME: downloaded into checkpoints/ORG/NAME, then converted")
     parser.add_argument("--gguf", type=Path, help="GGUF file to convert (config and tokenizer are taken from it)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="stored dtype (auto: as in the source; GGUF: float32)")
+    parser.add_argument("--keep_quantization", action="store_true",
+                        help="GGUF only: keep Q4_0/Q4_1 layers as our int4 g32 (model_int4.g32.pth), no float round trip")
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where --repo_id and --gguf outputs go")
     if "--gguf" in (argv if argv is not None else sys.argv[1:]):
         # --gguf stands alone as a source; --checkpoint_dir then only names the output folder.
@@ -350,7 +401,9 @@ def main(argv=None):
     if args.gguf and args.repo_id:
         parser.error("--gguf and --repo_id are two different sources; give one")
     try:
-        convert(args.checkpoint_dir, args.repo_id, args.gguf, DTYPES.get(args.dtype), args.checkpoints)
+        if args.keep_quantization and not args.gguf:
+            parser.error("--keep_quantization applies to --gguf sources only")
+        convert(args.checkpoint_dir, args.repo_id, args.gguf, DTYPES.get(args.dtype), args.checkpoints, args.keep_quantization)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

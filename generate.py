@@ -172,19 +172,32 @@ def compile_functions(model: Transformer, device, compile_prefill: bool = False)
 def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     """Build on the meta device, then assign the memory-mapped weights: no second copy of the model in memory."""
     checkpoint = load_checkpoint(Path(checkpoint_path))
-    if checkpoint.get("quantization"):
-        raise ConversionError(f"{checkpoint_path} is quantized ({checkpoint['quantization']}); this build reads float checkpoints")
     args = ModelArgs.from_dict(checkpoint["model_args"])
+    quantization = checkpoint.get("quantization")
     with torch.device("meta"):
         model = Transformer(args)
-    model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not args.tie_word_embeddings)
+    if quantization:  # the file says how it was quantized: swap in the same modules before assigning
+        import quantize
+
+        quantize.swap_linears(model, quantization)
+    tied = args.tie_word_embeddings and type(model.output) is torch.nn.Linear
+    model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not tied)
     model.tie_weights()
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantization:
+        quantize.prepare_for_device(model, dtype)
+    return model
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights read per decoded token (a tied embedding counted once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of weights read per decoded token: every weight (quantized buffers too), counted once, except
+    the embedding table, of which a token reads one row, unless it doubles as the output projection."""
+    caches = ("kv_cache", "rope_", "causal_mask", "sliding_mask")
+    tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if not any(part in name for part in caches)}
+    if getattr(model.output, "weight", None) is not model.tok_embeddings.weight:
+        tensors.pop(id(model.tok_embeddings.weight))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def peak_memory_gb(device) -> float:

@@ -202,8 +202,9 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
 
     def tie_weights(self):
-        """Re-tie after load_state_dict(assign=True), which replaces the shared Parameter."""
-        if self.args.tie_word_embeddings:
+        """Re-tie after load_state_dict(assign=True), which replaces the shared Parameter.
+        An output projection swapped for another module (a quantized copy) keeps its own weights."""
+        if self.args.tie_word_embeddings and type(self.output) is nn.Linear:
             self.output.weight = self.tok_embeddings.weight
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):

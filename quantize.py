@@ -1,0 +1,250 @@
+"""Weight-only quantization as module swaps: int8 (per output channel) and int4 (grouped, asymmetric).
+
+    python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int8               # -> model_int8.pth
+    python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int4 --groupsize 32  # -> model_int4.g32.pth
+
+The file on disk is device-independent (int8 values, int4 values two per byte, float32 scales and zeros);
+each module packs itself for its device's kernel when the model is loaded (`prepare_for_device`).
+model.py never sees any of this: `swap_linears` replaces nn.Linear modules before the weights are assigned.
+The tied output projection of models like SmolLM2 gets its own int8 copy in both modes (the embedding
+lookup stays in float): it is a fifth of SmolLM2's weight bytes, and llama.cpp keeps it at 8 bits too.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from convert_hf_checkpoint import ConversionError, load_checkpoint, save_checkpoint
+from model import ModelArgs, Transformer
+
+GROUP_SIZES = (32, 64, 128, 256)
+# On CPU the int8/int4 kernels are fast with 16-bit activations only (measured here: float32 activations
+# 10-25x slower), so float32 activations are rounded to bfloat16 for the product and the result cast back.
+CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def kernel_input(x: Tensor) -> Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.device.type != "cpu" or x.dtype in CPU_KERNEL_DTYPES else x.to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the math
+
+
+def quantize_int8(weight: Tensor):
+    """Symmetric per-output-channel: weight ≈ q * scale, q in [-127, 127]."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+    q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: Tensor, groupsize: int):
+    """Asymmetric per group of `groupsize` inputs: weight ≈ (q - 8) * scale + zero, q in [0, 15].
+
+    This (q - 8) * scale + zero form is what the CPU and CUDA int4 kernels compute; a GGUF Q4_1 block
+    (d * q + m) is the same with scale = d, zero = m + 8 d.
+    """
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // groupsize, groupsize)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low).clamp(min=1e-6) / 15
+    zeros = low + scales * 8
+    q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(out_features, in_features), scales, zeros
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """[N, K] values 0..15 -> [N, K/2] bytes, even columns in the low nibble (our on-disk layout)."""
+    return (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+    out_features, in_features = q.shape
+    groups = q.float().reshape(out_features, in_features // groupsize, groupsize) - 8
+    return (groups * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        module.weight, module.scales = quantize_int8(linear.weight.detach())
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().float())
+        return module
+
+    def prepare_for_device(self, dtype):
+        self.scales = self.scales.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.shape[-2] == 1 and torch.compiler.is_compiling():
+            # One token under torch.compile: as a reduction inductor fuses into the surrounding loops
+            # (80 vs 70 tok/s with the kernel call on SmolLM2, 2-core AVX2; see generate.DecodeLinear).
+            y = ((x[..., None, :].float() * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)
+        elif x.device.type == "cpu":
+            x2 = kernel_input(x)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x2.dtype))
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:  # inductor fuses the dequantization into the matmul's prologue
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        groups = in_features // groupsize
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, groupsize: int) -> "Int4Linear":
+        module = cls(linear.in_features, linear.out_features, groupsize, linear.bias is not None)
+        q, module.scales, module.zeros = quantize_int4(linear.weight.detach(), groupsize)
+        module.weight = pack_int4(q)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().float())
+        return module
+
+    def prepare_for_device(self, dtype):
+        """Repack the on-disk nibbles into the layout of this device's int4 kernel (it changed in torch 2.5)."""
+        q = unpack_int4(self.weight)
+        kernel_dtype = dtype if self.weight.device.type != "cpu" or dtype in CPU_KERNEL_DTYPES else torch.bfloat16
+        # The kernels take [groups, out_features, 2] (scale, zero) in the activations' dtype.
+        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(kernel_dtype)
+        if self.weight.device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        else:  # CUDA wants [N, K/2] bytes with the even column in the high nibble, then its tiled layout
+            high_low = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(high_low.contiguous(), 8)
+        del self.weight, self.scales, self.zeros  # the packed copy replaces them: one copy in memory
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = kernel_input(x)
+        if x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.groupsize, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+# ---------------------------------------------------------------- whole models
+
+
+def linear_names(model: Transformer) -> list:
+    return [name for name, module in model.named_modules() if type(module) is nn.Linear]
+
+
+def plan(model: Transformer, mode: str, groupsize: int) -> dict:
+    """What each linear becomes: {name: "int8" | "int4" | "float"} with the reason for any that stays float."""
+    layers, skipped = {}, {}
+    for name in linear_names(model):
+        module = model.get_submodule(name)
+        if name == "output" or mode == "int8":
+            layers[name] = "int8"
+        elif module.in_features % groupsize:
+            layers[name], skipped[name] = "float", f"in_features {module.in_features} is not a multiple of group size {groupsize}"
+        elif module.out_features % 8:
+            layers[name], skipped[name] = "float", f"out_features {module.out_features} is not a multiple of 8 (int4 kernels)"
+        else:
+            layers[name] = "int4"
+    return {"mode": mode, "groupsize": groupsize if mode == "int4" else None, "layers": layers, "skipped": skipped}
+
+
+def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool = False):
+    """Replace the linears named in the plan, in place: with empty modules (to be loaded from a quantized
+    checkpoint) or, with quantize_weights, with modules quantized from the float weights they replace."""
+    names = [name for name, kind in quantization["layers"].items() if kind != "float"]
+    for name in tqdm(names, desc=f"quantizing to {quantization['mode']}", unit="layer", disable=not quantize_weights):
+        kind = quantization["layers"][name]
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = model.get_submodule(name)
+        if quantize_weights:
+            new = Int8Linear.from_linear(old) if kind == "int8" else Int4Linear.from_linear(old, quantization["groupsize"])
+        elif kind == "int8":
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, device="meta")
+        else:
+            new = Int4Linear(old.in_features, old.out_features, quantization["groupsize"], old.bias is not None, device="meta")
+        setattr(parent, child, new)
+    return len(names)
+
+
+def prepare_for_device(model: nn.Module, dtype):
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            module.prepare_for_device(dtype)
+
+
+def quantize_checkpoint(path: Path, mode: str, groupsize: int) -> Path:
+    start = time.perf_counter()
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {path} not found")
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("quantization"):
+        raise ConversionError(f"{path} is already quantized ({checkpoint['quantization']['mode']}); quantize the float checkpoint")
+    args = ModelArgs.from_dict(checkpoint["model_args"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not args.tie_word_embeddings)
+    model.tie_weights()
+    quantization = plan(model, mode, groupsize)
+    if mode == "int4" and all(kind != "int4" for name, kind in quantization["layers"].items() if name != "output"):
+        raise ConversionError(f"no layer of this model can take group size {groupsize}: "
+                              f"{next(iter(quantization['skipped'].values()))}; choose another --groupsize")
+    count = swap_linears(model, quantization, quantize_weights=True)
+    state_dict = model.state_dict()
+    suffix = f"int4.g{groupsize}" if mode == "int4" else "int8"
+    output = path.with_name(f"{path.stem}_{suffix}.pth")
+    save_checkpoint(output, args, state_dict, quantization)
+    before, after = path.stat().st_size, output.stat().st_size
+    print(f"Quantized {count} linears to {mode}"
+          f"{f' (group size {groupsize}; output projection int8)' if mode == 'int4' else ''} "
+          f"in {time.perf_counter() - start:.1f} s: {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB -> {output}")
+    for name, reason in quantization["skipped"].items():
+        print(f"  left in float: {name} ({reason})")
+    return output
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", type=Path, required=True)
+    parser.add_argument("--mode", choices=["int8", "int4"], required=True)
+    parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES, default=32, help="int4 only")
+    args = parser.parse_args(argv)
+    try:
+        quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

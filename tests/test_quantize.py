@@ -1,0 +1,133 @@
+"""Quantization: kernels against the dequantized float weights, file round trips, GGUF int4 import, errors."""
+import pytest
+import torch
+
+import quantize
+from convert_hf_checkpoint import convert, load_checkpoint
+from generate import generate, load_model
+from quantize import Int4Linear, Int8Linear, dequantize_int4, main, quantize_checkpoint, unpack_int4
+
+
+def close_to(y, reference, tolerance=1e-2):
+    """Within `tolerance` of the output's scale: the CPU kernels take bfloat16 activations."""
+    return (y.float() - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_dequantized_reference(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=bias)
+    module = Int8Linear.from_linear(linear)
+    module.prepare_for_device(torch.bfloat16)
+    dequantized = module.weight.float() * module.scales.float()[:, None]
+    assert (dequantized - linear.weight).abs().max() <= linear.weight.abs().max() / 127  # half a step, with margin
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    reference = torch.nn.functional.linear(x.float(), dequantized, linear.bias)
+    assert close_to(module(x), reference)
+    assert close_to(torch.compile(module)(x[:, :1]), reference[:, :1])  # the fused one-token path
+
+
+@pytest.mark.parametrize("groupsize", quantize.GROUP_SIZES)
+def test_int4_linear_matches_dequantized_reference(groupsize):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 64, bias=True)
+    module = Int4Linear.from_linear(linear, groupsize)
+    dequantized = dequantize_int4(unpack_int4(module.weight), module.scales, module.zeros, groupsize)
+    steps = module.scales.repeat_interleave(groupsize, dim=1)
+    assert ((dequantized - linear.weight).abs() <= steps / 2 + 1e-6).all()  # each weight within half a step
+    module.prepare_for_device(torch.bfloat16)
+    x = torch.randn(2, 7, 512, dtype=torch.bfloat16)
+    assert close_to(module(x), torch.nn.functional.linear(x.float(), dequantized, linear.bias))
+
+
+def test_int4_pack_round_trip():
+    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(quantize.pack_int4(q)), q)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_save_load_generate(mode, tiny_models):
+    """quantize -> file -> load (mode read from the file) -> logits near the float model's and text comes out."""
+    _, _, checkpoint = tiny_models["qwen2"]
+    output = quantize_checkpoint(checkpoint, mode, 32)
+    assert output.name == ("model_int8.pth" if mode == "int8" else "model_int4.g32.pth")
+    assert load_checkpoint(output)["quantization"]["mode"] == mode
+    float_model, quantized = load_model(checkpoint, "cpu", torch.float32), load_model(output, "cpu", torch.float32)
+    assert any(isinstance(m, Int8Linear if mode == "int8" else Int4Linear) for m in quantized.modules())
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    for model in (float_model, quantized):
+        model.setup_caches(1, 20)
+    with torch.no_grad():
+        reference, ours = float_model(tokens, torch.arange(20)), quantized(tokens, torch.arange(20))
+    assert close_to(ours, reference, 0.05 if mode == "int8" else 0.25)
+    assert generate(quantized, torch.arange(5), 8).shape == (1, 13)
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_group_size_the_model_cannot_take(tiny_models, capsys):
+    _, _, checkpoint = tiny_models["mistral"]  # hidden 64: no linear has in_features divisible by 128
+    code, err = run_main(["--checkpoint_path", checkpoint, "--mode", "int4", "--groupsize", "128"], capsys)
+    assert code == 2 and "group size 128" in err
+    assert not (checkpoint.parent / "model_int4.g128.pth").exists()
+
+
+def test_already_quantized_and_missing_and_unknown_mode(tiny_models, tmp_path, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    quantized = quantize_checkpoint(checkpoint, "int8", 32)
+    code, err = run_main(["--checkpoint_path", quantized, "--mode", "int4"], capsys)
+    assert code == 2 and "already quantized" in err
+    assert not (checkpoint.parent / "model_int8_int4.g32.pth").exists()
+    code, err = run_main(["--checkpoint_path", tmp_path / "none.pth", "--mode", "int8"], capsys)
+    assert code == 2 and "not found" in err
+    code, err = run_main(["--checkpoint_path", checkpoint, "--mode", "int3"], capsys)
+    assert code == 2 and "invalid choice: 'int3'" in err
+    code, err = run_main(["--checkpoint_path", checkpoint, "--mode", "int4", "--groupsize", "48"], capsys)
+    assert code == 2 and "invalid choice: 48" in err
+
+
+def test_layers_a_kernel_cannot_take_stay_float(tiny_models, capsys):
+    """Group size 64 fits in_features 64 but not the MLP's 96: those layers stay float and the summary says so."""
+    _, _, checkpoint = tiny_models["qwen3"]
+    output = quantize_checkpoint(checkpoint, "int4", 64)
+    plan = load_checkpoint(output)["quantization"]
+    assert plan["layers"]["layers.0.feed_forward.w2"] == "float" and "not a multiple of group size 64" in plan["skipped"]["layers.0.feed_forward.w2"]
+    assert plan["layers"]["layers.0.feed_forward.w1"] == "int4"
+    assert "left in float: layers.0.feed_forward.w2" in capsys.readouterr().out
+    model = load_model(output, "cpu", torch.float32)
+    assert type(model.layers[0].feed_forward.w2) is torch.nn.Linear
+
+
+@pytest.mark.slow
+def test_gguf_q4_1_imported_without_float_round_trip(smollm2_gguf, smollm2_checkpoint, tmp_path):
+    """Q4_1 blocks become our int4 g32 exactly: dequantized, they are the float conversion's weights."""
+    kept = convert(gguf=smollm2_gguf, checkpoint_dir=tmp_path, keep_quantization=True)
+    checkpoint, reference = load_checkpoint(kept), load_checkpoint(smollm2_checkpoint)["state_dict"]
+    layers = checkpoint["quantization"]["layers"]
+    assert len(layers) == 30 * 5  # per layer: wqkv (fused from Q4_1 q, k, v), wo, w1, w3, w2
+    for prefix in layers:
+        sd = checkpoint["state_dict"]
+        weight = dequantize_int4(unpack_int4(sd[f"{prefix}.weight"]), sd[f"{prefix}.scales"], sd[f"{prefix}.zeros"], 32)
+        assert torch.equal(weight, reference[f"{prefix}.weight"]), prefix
+    model, float_model = load_model(kept, "cpu", torch.bfloat16), load_model(smollm2_checkpoint, "cpu", torch.bfloat16)
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    for m in (model, float_model):
+        m.setup_caches(1, 16)
+    with torch.no_grad():
+        assert close_to(model(tokens, torch.arange(16)), float_model(tokens, torch.arange(16)).float(), 0.03)
+
+
+@pytest.mark.slow
+def test_int8_smollm2_answers_paris(smollm2_checkpoint):
+    from tokenizer import Tokenizer
+
+    output = quantize_checkpoint(smollm2_checkpoint, "int8", 32)
+    tokenizer = Tokenizer(output.parent)
+    model = load_model(output, "cpu", torch.bfloat16)
+    prompt = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+    tokens = generate(model, prompt, 20, stop_ids=tokenizer.eos_ids)[0, len(prompt):].tolist()
+    assert "Paris" in tokenizer.decode(tokens)
