@@ -2,6 +2,8 @@
 
     python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int8               # -> model_int8.pth
     python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int4 --groupsize 32  # -> model_int4.g32.pth
+    python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int4-gptq --groupsize 32 \
+        [--calibration_file FILE]                                                          # -> model_int4-gptq.g32.pth
 
 The file on disk is device-independent (int8 values, int4 values two per byte, float32 scales and zeros);
 each module packs itself for its device's kernel when the model is loaded (`prepare_for_device`).
@@ -155,6 +157,96 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+# ---------------------------------------------------------------- GPTQ
+
+
+def int4_group_params(groups: Tensor):
+    """Scale and zero of `groups` [.., groupsize] in the (q - 8) * scale + zero form (as quantize_int4)."""
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low).clamp(min=1e-6) / 15
+    return scales, low + scales * 8
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: int = 128, damping: float = 0.01):
+    """GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's rounding error onto the
+    columns not yet quantized through the inverse Hessian of the layer's inputs, so that the layer's output
+    on the calibration data, not its weights, stays close. Returns q [N, K] (0..15), scales, zeros [N, K/g]."""
+    W = weight.float().clone()
+    out_features, in_features = W.shape
+    H = hessian.clone()
+    dead = torch.diag(H) == 0  # inputs never seen in calibration: their weights cannot matter there
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damping * torch.mean(torch.diag(H)) * torch.eye(in_features)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    q = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    scales = torch.zeros(out_features, in_features // groupsize)
+    zeros = torch.zeros_like(scales)
+    for start in range(0, in_features, blocksize):
+        end = min(start + blocksize, in_features)
+        block, errors, Hinv_block = W[:, start:end].clone(), torch.zeros(out_features, end - start), Hinv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % groupsize == 0:  # the group's range from its columns as they are now, errors included
+                group = column // groupsize
+                scales[:, group], zeros[:, group] = int4_group_params(block[:, i:i + groupsize])
+            scale, zero = scales[:, column // groupsize], zeros[:, column // groupsize]
+            w = block[:, i]
+            code = torch.round((w - zero) / scale + 8).clamp(0, 15)
+            q[:, column] = code.to(torch.uint8)
+            error = (w - ((code - 8) * scale + zero)) / Hinv_block[i, i]
+            block[:, i:] -= error[:, None] * Hinv_block[i, i:][None, :]
+            errors[:, i] = error
+        W[:, end:] -= errors @ Hinv[start:end, end:]
+    return q, scales, zeros
+
+
+@torch.no_grad()
+def collect_hessians(model: Transformer, names: list, sequences: list) -> dict:
+    """2/n * sum X^T X of each named linear's inputs over the calibration sequences (float32)."""
+    hessians, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def accumulate(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            if name not in hessians:
+                hessians[name], counts[name] = torch.zeros(x.shape[1], x.shape[1]), 0
+            n = counts[name] + x.shape[0]
+            hessians[name] *= counts[name] / n
+            hessians[name] += (2 / n) * x.T @ x
+            counts[name] = n
+        return accumulate
+
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_hook(hook(name)))
+    try:
+        model.setup_caches(1, max(len(s) for s in sequences))
+        for tokens in tqdm(sequences, desc="calibration", unit="sequence"):
+            model(tokens[None], torch.arange(len(tokens)))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return hessians
+
+
+def calibration_sequences(model: Transformer, tokenizer_dir: Path, calibration_file=None, samples: int = 16,
+                          length: int = 256, seed: int = 0) -> list:
+    """Token sequences from a text file, or, without one, text the model writes itself from random first
+    tokens (the data-free calibration of LLM-QAT): GPTQ then fits the model's own distribution."""
+    if calibration_file is not None:
+        from tokenizer import Tokenizer
+
+        ids = torch.tensor(Tokenizer(tokenizer_dir).encode(Path(calibration_file).read_text(errors="replace")))
+        return [ids[i:i + length] for i in range(0, len(ids) - 1, length)][:samples]
+    from generate import generate
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    starts = torch.randint(0, model.args.vocab_size, (samples,), generator=generator)
+    return [generate(model, start[None], length - 1, temperature=1.0)[0]
+            for start in tqdm(starts, desc="writing calibration text", unit="sample")]
+
+
 # ---------------------------------------------------------------- whole models
 
 
@@ -175,19 +267,26 @@ def plan(model: Transformer, mode: str, groupsize: int) -> dict:
             layers[name], skipped[name] = "float", f"out_features {module.out_features} is not a multiple of 8 (int4 kernels)"
         else:
             layers[name] = "int4"
-    return {"mode": mode, "groupsize": groupsize if mode == "int4" else None, "layers": layers, "skipped": skipped}
+    return {"mode": mode, "groupsize": groupsize if mode != "int8" else None, "layers": layers, "skipped": skipped}
 
 
-def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool = False):
+def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool = False, hessians=None,
+                 blocksize: int = 128, damping: float = 0.01):
     """Replace the linears named in the plan, in place: with empty modules (to be loaded from a quantized
-    checkpoint) or, with quantize_weights, with modules quantized from the float weights they replace."""
+    checkpoint) or, with quantize_weights, with modules quantized from the float weights they replace
+    (int4 layers by GPTQ where `hessians` has theirs, else by rounding to nearest)."""
     names = [name for name, kind in quantization["layers"].items() if kind != "float"]
     for name in tqdm(names, desc=f"quantizing to {quantization['mode']}", unit="layer", disable=not quantize_weights):
         kind = quantization["layers"][name]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = model.get_submodule(name)
-        if quantize_weights:
+        if quantize_weights and kind == "int4" and hessians is not None:
+            new = Int4Linear.from_linear(old, quantization["groupsize"])
+            q, new.scales, new.zeros = gptq_quantize(old.weight.detach(), hessians[name], quantization["groupsize"],
+                                                     blocksize, damping)
+            new.weight = pack_int4(q)
+        elif quantize_weights:
             new = Int8Linear.from_linear(old) if kind == "int8" else Int4Linear.from_linear(old, quantization["groupsize"])
         elif kind == "int8":
             new = Int8Linear(old.in_features, old.out_features, old.bias is not None, device="meta")
@@ -203,7 +302,8 @@ def prepare_for_device(model: nn.Module, dtype):
             module.prepare_for_device(dtype)
 
 
-def quantize_checkpoint(path: Path, mode: str, groupsize: int) -> Path:
+def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=None, calibration_samples: int = 16,
+                        calibration_length: int = 256, blocksize: int = 128, damping: float = 0.01) -> Path:
     start = time.perf_counter()
     if not path.is_file():
         raise ConversionError(f"checkpoint {path} not found")
@@ -216,17 +316,30 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int) -> Path:
     model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not args.tie_word_embeddings)
     model.tie_weights()
     quantization = plan(model, mode, groupsize)
-    if mode == "int4" and all(kind != "int4" for name, kind in quantization["layers"].items() if name != "output"):
+    if mode != "int8" and all(kind != "int4" for name, kind in quantization["layers"].items() if name != "output"):
         raise ConversionError(f"no layer of this model can take group size {groupsize}: "
                               f"{next(iter(quantization['skipped'].values()))}; choose another --groupsize")
-    count = swap_linears(model, quantization, quantize_weights=True)
+    hessians = None
+    if mode == "int4-gptq":
+        if calibration_file is not None and not Path(calibration_file).is_file():
+            raise ConversionError(f"calibration file {calibration_file} not found")
+        if blocksize % groupsize:
+            raise ConversionError(f"--blocksize {blocksize} must be a multiple of --groupsize {groupsize}")
+        model = model.float()  # calibration and GPTQ's algebra in float32
+        sequences = calibration_sequences(model, path.parent, calibration_file, calibration_samples, calibration_length)
+        int4_names = [name for name, kind in quantization["layers"].items() if kind == "int4"]
+        hessians = collect_hessians(model, int4_names, sequences)
+        quantization.update(calibration=str(calibration_file or "self-generated"), damping=damping, blocksize=blocksize,
+                            calibration_tokens=sum(len(s) for s in sequences))
+    count = swap_linears(model, quantization, quantize_weights=True, hessians=hessians, blocksize=blocksize,
+                         damping=damping)
     state_dict = model.state_dict()
-    suffix = f"int4.g{groupsize}" if mode == "int4" else "int8"
+    suffix = "int8" if mode == "int8" else f"{mode}.g{groupsize}"
     output = path.with_name(f"{path.stem}_{suffix}.pth")
     save_checkpoint(output, args, state_dict, quantization)
     before, after = path.stat().st_size, output.stat().st_size
     print(f"Quantized {count} linears to {mode}"
-          f"{f' (group size {groupsize}; output projection int8)' if mode == 'int4' else ''} "
+          f"{f' (group size {groupsize}; output projection int8)' if mode != 'int8' else ''} "
           f"in {time.perf_counter() - start:.1f} s: {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB -> {output}")
     for name, reason in quantization["skipped"].items():
         print(f"  left in float: {name} ({reason})")
@@ -236,11 +349,19 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, required=True)
-    parser.add_argument("--mode", choices=["int8", "int4"], required=True)
+    parser.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], required=True)
     parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES, default=32, help="int4 only")
+    parser.add_argument("--calibration_file", type=Path, help="int4-gptq: text to calibrate on (default: text the model writes)")
+    parser.add_argument("--calibration_samples", type=int, default=16, help="int4-gptq: number of sequences")
+    parser.add_argument("--calibration_length", type=int, default=256, help="int4-gptq: tokens per sequence")
+    parser.add_argument("--blocksize", type=int, default=128, help="int4-gptq: columns updated together")
+    parser.add_argument("--damping", type=float, default=0.01, help="int4-gptq: fraction of mean diag(H) added to H")
     args = parser.parse_args(argv)
+    if args.calibration_samples < 1 or args.calibration_length < 2 or args.blocksize < 1 or not 0 <= args.damping < 1:
+        parser.error("need --calibration_samples >= 1, --calibration_length >= 2, --blocksize >= 1, 0 <= --damping < 1")
     try:
-        quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize)
+        quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize, args.calibration_file,
+                            args.calibration_samples, args.calibration_length, args.blocksize, args.damping)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

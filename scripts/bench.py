@@ -36,19 +36,28 @@ from tokenizer import Tokenizer  # noqa: E402
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/SmolLM2-135M-Instruct/model.pth"
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
 
-# key -> (engine, precision label, runner name, dtype). Order here is the order of the table.
+# key -> (engine, precision label, runner name, dtype or GGUF type, quantization mode of our checkpoint).
+# Order here is the order of the table.
 ROWS = {
-    "ours-bf16": ("ours (torch.compile)", "bfloat16", "ours", "bfloat16"),
-    "ours-fp16": ("ours (torch.compile)", "float16", "ours", "float16"),
-    "ours-fp32": ("ours (torch.compile)", "float32", "ours", "float32"),
-    "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16"),
-    "hf-eager-fp32": ("HF transformers (eager, DynamicCache)", "float32", "hf-eager", "float32"),
-    "hf-eager-bf16": ("HF transformers (eager, DynamicCache)", "bfloat16", "hf-eager", "bfloat16"),
-    "hf-static-compile-bf16": ("HF transformers (StaticCache + torch.compile)", "bfloat16", "hf-compile", "bfloat16"),
-    "llamacpp-f16": ("llama.cpp (llama-cpp-python)", "F16 GGUF", "llamacpp", "F16"),
+    "ours-bf16": ("ours (torch.compile)", "bfloat16", "ours", "bfloat16", None),
+    "ours-fp16": ("ours (torch.compile)", "float16", "ours", "float16", None),
+    "ours-fp32": ("ours (torch.compile)", "float32", "ours", "float32", None),
+    "ours-int8": ("ours (torch.compile)", "int8 per channel", "ours", "bfloat16", "int8"),
+    "ours-int4": ("ours (torch.compile)", "int4 g32 (output int8)", "ours", "bfloat16", "int4"),
+    "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
+    "hf-eager-fp32": ("HF transformers (eager, DynamicCache)", "float32", "hf-eager", "float32", None),
+    "hf-eager-bf16": ("HF transformers (eager, DynamicCache)", "bfloat16", "hf-eager", "bfloat16", None),
+    "hf-static-compile-bf16": ("HF transformers (StaticCache + torch.compile)", "bfloat16", "hf-compile", "bfloat16", None),
+    "llamacpp-f16": ("llama.cpp (llama-cpp-python)", "F16 GGUF", "llamacpp", "F16", None),
+    "llamacpp-q8_0": ("llama.cpp (llama-cpp-python)", "Q8_0 GGUF", "llamacpp", "Q8_0", None),
+    "llamacpp-q4_0": ("llama.cpp (llama-cpp-python)", "Q4_0 GGUF", "llamacpp", "Q4_0", None),
+    "llamacpp-q4_1": ("llama.cpp (llama-cpp-python)", "Q4_1 GGUF (the source file)", "llamacpp", "source", None),
 }
 DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16"]  # --eager adds it
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
+# The llama.cpp row each of our rows is compared with at the same number of bits.
+SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
+             "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16"}
 
 
 class BenchError(Exception):
@@ -83,8 +92,13 @@ def machine_line(threads: int) -> str:
 # ---------------------------------------------------------------- ours
 
 
-def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool):
+def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
+               quantization=None):
     """generate.generate itself times prefill and decode separately; we read its decode numbers."""
+    if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
+        import quantize
+
+        checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
     model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype])
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     if compiled:
@@ -231,6 +245,8 @@ def write_gguf(source: Path, dest: Path, tensor_type) -> Path:
 def llamacpp_gguf(source: Path, bench_dir: Path, type_name: str) -> Path:
     import gguf
 
+    if type_name == "source":
+        return source
     dest = bench_dir / f"{source.stem}.{type_name}.gguf"
     if not dest.is_file():
         tqdm.write(f"writing {dest} (once; cached for later runs)", file=sys.stderr)
@@ -280,9 +296,10 @@ def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens
 
 
 def run_row(key: str, args, prompt_ids: list):
-    _, _, runner, dtype = ROWS[key]
+    _, _, runner, dtype, quantization = ROWS[key]
     if runner in ("ours", "ours-eager"):
-        return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours")
+        return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours",
+                          quantization)
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":
@@ -301,17 +318,20 @@ def ratio(speeds, reference) -> str:
 
 def table(results: dict, runs: int) -> str:
     lines = [
-        f"| engine | precision | decode tok/s (median of {runs}) | runs | vs llama.cpp F16 | vs HF eager bf16 |",
-        "|---|---|---:|---|---:|---:|",
+        f"| engine | precision | decode tok/s (median of {runs}) | runs | vs llama.cpp, same bits | vs llama.cpp F16 | vs HF eager bf16 |",
+        "|---|---|---:|---|---:|---:|---:|",
     ]
-    llamacpp, hf = results.get(LLAMACPP_REFERENCE, (None,))[0], results.get(HF_REFERENCE, (None,))[0]
+    medians = {key: speeds for key, (speeds, _) in results.items()}
     for key, (speeds, notes) in results.items():
         engine, precision = ROWS[key][:2]
         median = f"{statistics.median(speeds):.1f}" if speeds else "—"
         listed = ", ".join(f"{s:.1f}" for s in speeds) if speeds else "; ".join(notes)
         if speeds and notes:
             listed += f" ({'; '.join(notes)})"
-        lines.append(f"| {engine} | {precision} | {median} | {listed} | {ratio(speeds, llamacpp)} | {ratio(speeds, hf)} |")
+        peer = SAME_BITS.get(key)
+        same_bits = f"{ratio(speeds, medians.get(peer))} ({ROWS[peer][1].split()[0]})" if peer in medians else ""
+        lines.append(f"| {engine} | {precision} | {median} | {listed} | {same_bits} | "
+                     f"{ratio(speeds, medians.get(LLAMACPP_REFERENCE))} | {ratio(speeds, medians.get(HF_REFERENCE))} |")
     return "\n".join(lines)
 
 

@@ -149,3 +149,6 @@ def test_grouped_query_attention_equals_repeated_heads():
     reference = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
     assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)
+    attention.__class__ = generate.DecodeAttention  # the CPU compiled decode's version, one query row
+    assert torch.allclose(attention.attend(q[:, :, :1], k, v, mask[:, :, :1]), reference[:, :, :1], atol=1e-5)
+    assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)  # longer: falls back to SDPA

@@ -131,3 +131,73 @@ def test_int8_smollm2_answers_paris(smollm2_checkpoint):
     prompt = torch.tensor(tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
     tokens = generate(model, prompt, 20, stop_ids=tokenizer.eos_ids)[0, len(prompt):].tolist()
     assert "Paris" in tokenizer.decode(tokens)
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    """Uncorrelated inputs give GPTQ nothing to compensate: its codes must be plain rounding's."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128)
+    q, scales, zeros = quantize.gptq_quantize(weight, torch.eye(128), groupsize=32, blocksize=64, damping=0.0)
+    reference = quantize.quantize_int4(weight, 32)
+    assert torch.equal(q, reference[0])
+    assert torch.allclose(scales, reference[1]) and torch.allclose(zeros, reference[2])
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    mixing = torch.randn(64, 64)
+    x = torch.randn(2048, 64) @ mixing  # strongly correlated input features
+    weight = torch.randn(32, 64)
+    hessian = 2 * x.T @ x / len(x)
+    gptq = dequantize_int4(*quantize.gptq_quantize(weight, hessian, groupsize=32, blocksize=32), 32)
+    rtn = dequantize_int4(*quantize.quantize_int4(weight, 32), 32)
+    error = lambda w: ((x @ w.T - x @ weight.T) ** 2).mean()  # noqa: E731
+    assert error(gptq) < 0.7 * error(rtn)
+
+
+def test_gptq_missing_calibration_file(tiny_models, tmp_path, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    code, err = run_main(["--checkpoint_path", checkpoint, "--mode", "int4-gptq", "--calibration_file",
+                          tmp_path / "none.txt"], capsys)
+    assert code == 2 and "calibration file" in err and "not found" in err
+    assert not (checkpoint.parent / "model_int4-gptq.g32.pth").exists()
+
+
+def test_gptq_self_calibrated_round_trip(tiny_models):
+    """With no calibration file the model writes its own calibration text; the file loads and generates."""
+    _, _, checkpoint = tiny_models["qwen3"]
+    output = quantize_checkpoint(checkpoint, "int4-gptq", 32, calibration_samples=2, calibration_length=16)
+    record = load_checkpoint(output)["quantization"]
+    assert output.name == "model_int4-gptq.g32.pth" and record["calibration"] == "self-generated"
+    assert record["calibration_tokens"] == 32
+    assert generate(load_model(output, "cpu", torch.float32), torch.arange(4), 6).shape == (1, 10)
+
+
+def test_memory_report_shows_the_smaller_model(tiny_models):
+    from generate import memory_report
+
+    _, _, checkpoint = tiny_models["mistral"]
+    reports = {}
+    for name, path in [("float", checkpoint), ("int8", quantize_checkpoint(checkpoint, "int8", 32))]:
+        model = load_model(path, "cpu", torch.bfloat16)
+        model.setup_caches(1, 64)
+        reports[name] = memory_report(model, "cpu").splitlines()[-1].split("|")
+    assert reports["float"][1] == reports["int8"][1]  # the same parameter count
+    assert float(reports["int8"][2].split()[0]) < float(reports["float"][2].split()[0])
+    kv = 2 * 2 * 2 * 64 * 16 * 2 / 1e6  # layers x (k, v) x kv heads x length x head_dim x bytes
+    assert reports["float"][3].strip() == f"{kv:.1f} MB"
+
+
+@pytest.mark.slow
+def test_gptq_perplexity_better_than_plain_int4(smollm2_checkpoint):
+    """On held-out real text (GPL-3), GPTQ calibrated on another text (Apache-2.0) beats rounding at group 64."""
+    import eval as evaluate
+
+    plain = quantize_checkpoint(smollm2_checkpoint, "int4", 64)
+    gptq = quantize_checkpoint(smollm2_checkpoint, "int4-gptq", 64, calibration_file="/usr/share/common-licenses/Apache-2.0",
+                               calibration_samples=8, calibration_length=256)
+    tokens = torch.tensor(evaluate.Tokenizer(smollm2_checkpoint.parent).encode(
+        open("/usr/share/common-licenses/GPL-3").read())[:2048])
+    results = {name: evaluate.perplexity(load_model(path, "cpu", torch.float32), tokens, 512, 256)[0]
+               for name, path in [("plain", plain), ("gptq", gptq)]}
+    assert results["gptq"] < results["plain"], results
