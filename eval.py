@@ -66,7 +66,7 @@ def main(argv=None):
         if len(ids) < 2:
             raise ConversionError(f"{args.text_file} has fewer than 2 tokens; nothing to evaluate")
         value, scored = perplexity(model, torch.tensor(ids, device=args.device), args.max_seq_length, stride)
-    except ConversionError as error:
+    except (ConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     elapsed = time.perf_counter() - start

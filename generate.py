@@ -85,14 +85,16 @@ def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens:
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
              max_seq_length: Optional[int] = None, stop_ids=(), callback: Callable = lambda token: None,
              timings: Optional[dict] = None, **sampling) -> Tensor:
-    """Prompt [T] -> [batch_size, T + generated]. Rows that stopped early keep tokens past their stop; cut them with `until_stop`."""
-    device, length = prompt.device, prompt.numel()
+    """Prompt [T] (repeated batch_size times) or [batch, T] -> [batch, T + generated].
+    Rows that stopped early keep tokens past their stop; cut them with `until_stop`."""
+    x = prompt if prompt.dim() == 2 else prompt.view(1, -1).repeat(batch_size, 1)
+    batch_size, length = x.shape
+    device = prompt.device
     max_seq_length = max_seq_length or length + max_new_tokens
     max_new_tokens = min(max_new_tokens, max_seq_length - length)
     with torch.device(device):
         model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
     stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    x = prompt.view(1, -1).repeat(batch_size, 1)
 
     start = time.perf_counter()
     first = prefill(model, x, torch.arange(length, device=device), **sampling).clone()

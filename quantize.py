@@ -242,9 +242,9 @@ def calibration_sequences(model: Transformer, tokenizer_dir: Path, calibration_f
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    starts = torch.randint(0, model.args.vocab_size, (samples,), generator=generator)
-    return [generate(model, start[None], length - 1, temperature=1.0)[0]
-            for start in tqdm(starts, desc="writing calibration text", unit="sample")]
+    starts = torch.randint(0, model.args.vocab_size, (samples, 1), generator=generator)
+    print(f"writing {samples} calibration samples of {length} tokens (no --calibration_file given)", file=sys.stderr)
+    return list(generate(model, starts, length - 1, temperature=1.0))  # all samples in one batch
 
 
 # ---------------------------------------------------------------- whole models

@@ -47,3 +47,12 @@ def test_quantized_perplexity_on_real_text(smollm2_checkpoint):
     assert 5 < results["float32"] < 50
     assert results["int8"] / results["float32"] < 1.01, results
     assert results["int4"] / results["float32"] < 1.15, results
+
+
+def test_checkpoint_without_tokenizer(tiny_models, tmp_path, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    (tmp_path / "model.pth").symlink_to(checkpoint)
+    (tmp_path / "text.txt").write_text("some text " * 20)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint_path", str(tmp_path / "model.pth"), "--text_file", str(tmp_path / "text.txt")])
+    assert exit_info.value.code == 2 and "no tokenizer.json or tokenizer.model" in capsys.readouterr().err

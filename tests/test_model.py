@@ -129,3 +129,13 @@ def test_generation_stops_at_eos(tiny_models):
     first = full.index(stop)
     stopped = generate(model, prompt, 20, stop_ids=[stop])[0, 5:].tolist()
     assert stopped == full[:first + 1]
+
+
+def test_batch_of_different_prompts(tiny_models):
+    """A [batch, T] prompt decodes each row as it would alone."""
+    _, _, checkpoint = tiny_models["llama"]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    prompts = torch.tensor([[1, 2, 3, 4], [9, 8, 7, 6]])
+    together = generate(model, prompts, 8)
+    for row in range(2):
+        assert together[row].tolist() == generate(model, prompts[row], 8)[0].tolist()
