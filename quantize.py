@@ -55,11 +55,20 @@ def quantize_int4(weight: Tensor, groupsize: int):
     """
     out_features, in_features = weight.shape
     groups = weight.float().reshape(out_features, in_features // groupsize, groupsize)
+    scales, zeros = int4_group_params(groups)
+    q = int4_codes(groups, scales[..., None], zeros[..., None]).to(torch.uint8)
+    return q.reshape(out_features, in_features), scales, zeros
+
+
+def int4_group_params(groups: Tensor):
+    """Scale and zero of `groups` [.., groupsize]: the group's range spread over the 16 codes."""
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = (high - low).clamp(min=1e-6) / 15
-    zeros = low + scales * 8
-    q = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(out_features, in_features), scales, zeros
+    return scales, low + scales * 8
+
+
+def int4_codes(w: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    return torch.round((w - zeros) / scales + 8).clamp(0, 15)
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -160,13 +169,6 @@ class Int4Linear(nn.Module):
 # ---------------------------------------------------------------- GPTQ
 
 
-def int4_group_params(groups: Tensor):
-    """Scale and zero of `groups` [.., groupsize] in the (q - 8) * scale + zero form (as quantize_int4)."""
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = (high - low).clamp(min=1e-6) / 15
-    return scales, low + scales * 8
-
-
 def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: int = 128, damping: float = 0.01):
     """GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's rounding error onto the
     columns not yet quantized through the inverse Hessian of the layer's inputs, so that the layer's output
@@ -192,7 +194,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: in
                 scales[:, group], zeros[:, group] = int4_group_params(block[:, i:i + groupsize])
             scale, zero = scales[:, column // groupsize], zeros[:, column // groupsize]
             w = block[:, i]
-            code = torch.round((w - zero) / scale + 8).clamp(0, 15)
+            code = int4_codes(w, scale, zero)
             q[:, column] = code.to(torch.uint8)
             error = (w - ((code - 8) * scale + zero)) / Hinv_block[i, i]
             block[:, i:] -= error[:, None] * Hinv_block[i, i:][None, :]
