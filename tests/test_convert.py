@@ -152,3 +152,9 @@ def test_gguf_logits_match_transformers_gguf_loader(smollm2_gguf, smollm2_checkp
     with torch.no_grad():
         difference = (model(tokens, torch.arange(48)) - reference(tokens).logits).abs().max()
     assert difference < 1e-4
+
+
+def test_keep_quantization_needs_gguf(tiny_models, capsys):
+    _, folder, _ = tiny_models["llama"]
+    code, err = run_main(["--checkpoint_dir", folder, "--keep_quantization"], capsys)
+    assert code == 2 and "--keep_quantization applies to --gguf sources only" in err

@@ -56,3 +56,10 @@ def test_checkpoint_without_tokenizer(tiny_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--checkpoint_path", str(tmp_path / "model.pth"), "--text_file", str(tmp_path / "text.txt")])
     assert exit_info.value.code == 2 and "no tokenizer.json or tokenizer.model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--max_seq_length", "1"], ["--max_seq_length", "64", "--stride", "128"]])
+def test_bad_window_flags(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint_path", "x.pth", "--text_file", "x.txt", *flags])
+    assert exit_info.value.code == 2 and "--stride <= --max_seq_length" in capsys.readouterr().err

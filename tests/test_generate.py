@@ -152,3 +152,34 @@ def test_grouped_query_attention_equals_repeated_heads():
     attention.__class__ = generate.DecodeAttention  # the CPU compiled decode's version, one query row
     assert torch.allclose(attention.attend(q[:, :, :1], k, v, mask[:, :, :1]), reference[:, :, :1], atol=1e-5)
     assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)  # longer: falls back to SDPA
+
+
+def tokenizer_without_template(folder):
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import models
+
+    FastTokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+
+
+def test_chat_without_template(tiny_models, tmp_path, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    (tmp_path / "model.pth").symlink_to(checkpoint)
+    tokenizer_without_template(tmp_path)
+    code, err = main_exit(["--checkpoint_path", tmp_path / "model.pth", "--chat", "--prompt", "a"], capsys)
+    assert code == 2 and "has no chat template; drop --chat" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_asked_for_without_cuda(tiny_models, tmp_path, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    code, err = main_exit(["--checkpoint_path", checkpoint, "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA device is available" in err
+
+
+def test_bench_unknown_row(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--rows", "ours-int3"])
+    assert exit_info.value.code == 2 and "unknown row 'ours-int3'" in capsys.readouterr().err
