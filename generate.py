@@ -81,34 +81,113 @@ def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens:
     return new_tokens
 
 
+def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: Tensor, input_pos: int,
+                       speculate_k: int, **sampling):
+    """One step of speculative decoding (Leviathan et al. 2023; Chen et al. 2023), batch 1.
+
+    The draft proposes speculate_k tokens one by one; the target scores all of them (and the token before)
+    in one forward of speculate_k + 1 positions. Returns the tokens this step produces, 1 to speculate_k + 1
+    of them, and how many draft tokens were accepted. Cache entries written past the last kept token are
+    left stale: the causal mask hides them until they are overwritten.
+    """
+    device = cur_token.device
+    draft_tokens, draft_probs, token = [], [], cur_token
+    for i in range(speculate_k):
+        token, probs = decode_one_token(draft_model, token, torch.tensor([input_pos + i], device=device), **sampling)
+        token = token.clone()
+        draft_tokens.append(token)
+        draft_probs.append(probs.clone())
+    draft_tokens = torch.cat(draft_tokens, dim=1)  # [1, k]
+    positions = torch.arange(input_pos, input_pos + speculate_k + 1, device=device)
+    target_logits = verify(model, torch.cat([cur_token, draft_tokens], dim=1), positions)[0].float()  # [k + 1, vocab]
+    draft_tokens = draft_tokens[0]
+
+    if sampling.get("temperature", 0) <= 0:  # greedy: keep draft tokens while they are the target's argmax
+        target_tokens = target_logits.argmax(dim=-1)
+        accepted = int(torch.cumprod(draft_tokens == target_tokens[:-1], dim=0).sum())
+        next_token = target_tokens[accepted]
+    else:
+        target_probs = logits_to_probs(target_logits, **sampling)
+        draft_probs = torch.cat(draft_probs)  # [k, vocab]
+        rows = torch.arange(speculate_k, device=device)
+        p_target, p_draft = target_probs[rows, draft_tokens], draft_probs[rows, draft_tokens]
+        # Accept draft token i with probability min(1, p_target / p_draft), stopping at the first rejection.
+        keep = torch.rand(speculate_k, device=device) * p_draft < p_target
+        accepted = int(torch.cumprod(keep, dim=0).sum())
+        if accepted == speculate_k:  # all kept: a bonus token from the target's last position
+            probs = target_probs[-1]
+        else:  # the rejected token's mass goes back: sample from normalize(max(0, p_target - p_draft))
+            probs = (target_probs[accepted] - draft_probs[accepted]).clamp(min=0)
+            probs = probs / probs.sum()
+        next_token = torch.multinomial(probs, 1)[0]
+    if accepted == speculate_k:  # the draft never saw its own last token: give it one so its cache keeps up
+        decode_one_token(draft_model, draft_tokens[-1].view(1, 1), positions[-1:], **sampling)
+    return torch.cat([draft_tokens[:accepted], next_token.view(1)]), accepted
+
+
+def verify(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    return model(tokens, input_pos)
+
+
+def drafted_decode_n_tokens(step: Callable, cur_token: Tensor, input_pos: int, num_new_tokens: int, stop_ids: Tensor,
+                            callback: Callable, accepted_counts: list) -> list:
+    """Decode with a drafting step (speculative or Medusa) until num_new_tokens or a stop token, batch 1.
+    step(cur_token, input_pos) -> (tokens produced, draft tokens accepted)."""
+    new_tokens = []
+    while len(new_tokens) < num_new_tokens:
+        produced, accepted = step(cur_token, input_pos)
+        accepted_counts.append(accepted)
+        for token in produced[: num_new_tokens - len(new_tokens)].view(-1, 1, 1):
+            new_tokens.append(token)
+            callback(token)
+            if torch.isin(token[0], stop_ids).item():
+                return new_tokens
+        input_pos += len(produced)
+        cur_token = produced[-1].view(1, 1)
+    return new_tokens
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
              max_seq_length: Optional[int] = None, stop_ids=(), callback: Callable = lambda token: None,
-             timings: Optional[dict] = None, **sampling) -> Tensor:
+             timings: Optional[dict] = None, draft_model: Optional[Transformer] = None, speculate_k: int = 5,
+             **sampling) -> Tensor:
     """Prompt [T] (repeated batch_size times) or [batch, T] -> [batch, T + generated].
-    Rows that stopped early keep tokens past their stop; cut them with `until_stop`."""
+    Rows that stopped early keep tokens past their stop; cut them with `until_stop`.
+    With a draft model, speculative decoding (batch 1): the same tokens as without it when greedy,
+    the same distribution when sampling; timings["accepted"] gets the draft tokens accepted per step."""
     x = prompt if prompt.dim() == 2 else prompt.view(1, -1).repeat(batch_size, 1)
     batch_size, length = x.shape
     device = prompt.device
-    max_seq_length = max_seq_length or length + max_new_tokens
-    max_new_tokens = min(max_new_tokens, max_seq_length - length)
+    slack = speculate_k + 1 if draft_model is not None else 0  # verification writes up to k + 1 slots ahead
+    max_seq_length = max_seq_length or length + max_new_tokens + slack
+    max_new_tokens = min(max_new_tokens, max_seq_length - length - slack)
     with torch.device(device):
-        model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
+        for m in (model, draft_model) if draft_model is not None else (model,):
+            m.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
     stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
 
     start = time.perf_counter()
-    first = prefill(model, x, torch.arange(length, device=device), **sampling).clone()
+    prompt_pos = torch.arange(length, device=device)
+    first = prefill(model, x, prompt_pos, **sampling).clone()
+    if draft_model is not None:
+        prefill(draft_model, x, prompt_pos, **sampling)  # only its cache is wanted
     callback(first)
     synchronize(device)
     prefill_done = time.perf_counter()
-    tokens = [first]
+    tokens, accepted_counts = [first], []
     if max_new_tokens > 1 and not torch.isin(first[:, 0], stop_ids).all():
-        input_pos = torch.tensor([length], device=device, dtype=torch.long)
-        tokens += decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, **sampling)
+        if draft_model is None:
+            input_pos = torch.tensor([length], device=device, dtype=torch.long)
+            tokens += decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, **sampling)
+        else:
+            def step(cur_token, input_pos):
+                return speculative_decode(model, draft_model, cur_token, input_pos, speculate_k, **sampling)
+            tokens += drafted_decode_n_tokens(step, first, length, max_new_tokens - 1, stop_ids, callback, accepted_counts)
     synchronize(device)
     if timings is not None:
         timings.update(prefill_s=prefill_done - start, decode_s=time.perf_counter() - prefill_done,
-                       decode_tokens=len(tokens) - 1)
+                       decode_tokens=len(tokens) - 1, accepted=accepted_counts)
     return torch.cat([x, *tokens], dim=1)
 
 
@@ -165,21 +244,22 @@ class DecodeAttention(Attention):
         return out.view(batch, heads, 1, head_dim).to(k.dtype)
 
 
-EAGER_FUNCTIONS = {"decode_one_token": decode_one_token, "prefill": prefill}
+EAGER_FUNCTIONS = {"decode_one_token": decode_one_token, "prefill": prefill, "verify": verify}
 
 
-def compile_functions(model: Transformer, device, compile_prefill: bool = False):
-    """Compile the decode step (and optionally prefill) with settings chosen per device, by measurement.
+def compile_functions(models, device, compile_prefill: bool = False):
+    """Compile the decode step, the drafting verification (and optionally prefill) with settings chosen per
+    device, by measurement. `models`: the model, or a list (target and draft).
 
-    Rebinds this module's decode_one_token / prefill (as gpt-fast does), always from the eager originals."""
-    global decode_one_token, prefill
-    decode_one_token, prefill = EAGER_FUNCTIONS["decode_one_token"], EAGER_FUNCTIONS["prefill"]
+    Rebinds this module's functions (as gpt-fast does), always from the eager originals."""
+    global decode_one_token, prefill, verify
+    decode_one_token, prefill, verify = (EAGER_FUNCTIONS[name] for name in ("decode_one_token", "prefill", "verify"))
     if torch.device(device).type == "cuda":
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     else:
         import torch._inductor.config as inductor_config
 
-        for module in model.modules():
+        for module in (m for model in (models if isinstance(models, list) else [models]) for m in model.modules()):
             if type(module) is torch.nn.Linear:  # plain float linears only; quantized modules keep their kernels
                 module.__class__ = DecodeLinear
             elif type(module) is Attention:
@@ -188,6 +268,7 @@ def compile_functions(model: Transformer, device, compile_prefill: bool = False)
         # weights' float() into float32 copies and double the bytes read per token.
         inductor_config.cpp_wrapper = True
         decode_one_token = torch.compile(decode_one_token, fullgraph=True)
+    verify = torch.compile(verify, fullgraph=True)  # a fixed number of positions: one static graph
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
 
@@ -218,7 +299,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
 def weight_bytes(model: Transformer) -> int:
     """Bytes of weights read per decoded token: every weight (quantized buffers too), counted once, except
     the embedding table, of which a token reads one row, unless it doubles as the output projection."""
-    caches = ("kv_cache", "rope_", "causal_mask", "sliding_mask")
+    caches = ("kv_cache", "rope_", "causal_mask", "window_mask")
     tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
                if not any(part in name for part in caches)}
     if getattr(model.output, "weight", None) is not model.tok_embeddings.weight:
@@ -234,7 +315,7 @@ def memory_report(model: Transformer, device) -> str:
     caches = {id(t) for layer in model.layers if layer.attention.kv_cache is not None
               for t in layer.attention.kv_cache.buffers()}
     cache_bytes = sum(tensors[i].numel() * tensors[i].element_size() for i in caches)
-    rope_and_masks = {id(t) for name, t in model.named_buffers() if name.startswith(("rope_", "causal_mask", "sliding_mask"))}
+    rope_and_masks = {id(t) for name, t in model.named_buffers() if name.startswith(("rope_", "causal_mask", "window_mask"))}
     model_bytes = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in caches | rope_and_masks)
     return ("| parameters | model memory | KV cache memory | peak memory |\n|---:|---:|---:|---:|\n"
             f"| {parameters / 1e6:.1f} M | {model_bytes / 1e6:.2f} MB | {cache_bytes / 1e6:.1f} MB "
@@ -267,6 +348,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: prompt + new tokens)")
+    parser.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                        help="speculative decoding with this draft model (same tokenizer; e.g. an int4 copy of the target)")
+    parser.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
@@ -281,6 +365,9 @@ def parse_args(argv=None):
         (args.top_k is not None and args.top_k < 1, "--top_k must be at least 1"),
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (args.max_seq_length is not None and args.max_seq_length < 2, "--max_seq_length must be at least 2"),
+        (args.speculate_k < 1, "--speculate_k must be at least 1"),
+        (args.draft_checkpoint_path is not None and args.batch_size != 1,
+         "speculative decoding runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path"),
     ]
     for failed, message in checks:
         if failed:
@@ -295,24 +382,58 @@ def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool, system: Optional[
     return tokenizer.apply_chat_template(messages)
 
 
+def load_tokenizer(directory: Path) -> Tokenizer:
+    try:
+        return Tokenizer(directory)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # tokenizers/sentencepiece raise bare exceptions on a corrupt file
+        raise UsageError(f"cannot read the tokenizer in {directory} ({error}); convert the checkpoint again")
+
+
+def check_same_tokenizer(model: Transformer, tokenizer: Tokenizer, draft_model: Transformer, draft_path: Path):
+    """Drafting compares token ids, so the draft must share the target's vocabulary exactly."""
+    draft_tokenizer = load_tokenizer(draft_path.parent)
+    probe = "The quick brown fox, 1234 ünïcødé <|im_end|> 東京\n  def f(x): return x"
+    differences = [what for what, ours, theirs in [
+        ("vocabulary size", model.args.vocab_size, draft_model.args.vocab_size),
+        ("tokenizer size", tokenizer.vocab_size, draft_tokenizer.vocab_size),
+        ("EOS ids", tokenizer.eos_ids, draft_tokenizer.eos_ids),
+        ("encoding of a probe text", tokenizer.encode(probe), draft_tokenizer.encode(probe)),
+    ] if ours != theirs]
+    if differences:
+        raise UsageError(f"the draft {draft_path} does not share the target's tokenizer ({', '.join(differences)} differ); "
+                         "use a draft from the same model family, e.g. an int8/int4 copy of the target made by quantize.py")
+
+
+def acceptance_summary(accepted_counts: list, speculate_k: int) -> str:
+    steps = max(len(accepted_counts), 1)
+    counts = torch.tensor(accepted_counts, dtype=torch.float)
+    per_position = [(counts > i).sum().item() / steps for i in range(speculate_k)]
+    return (f"Acceptance: {(counts + 1).mean().item():.2f} tokens per target forward over {len(accepted_counts)} steps; "
+            "draft position accepted: " + " ".join(f"{rate:.2f}" for rate in per_position))
+
+
 def run(args):
-    if not args.checkpoint_path.is_file():
-        raise UsageError(f"checkpoint {args.checkpoint_path} not found; create it with scripts/prepare.sh or convert_hf_checkpoint.py")
+    for path in (args.checkpoint_path, args.draft_checkpoint_path):
+        if path is not None and not path.is_file():
+            raise UsageError(f"checkpoint {path} not found; create it with scripts/prepare.sh or convert_hf_checkpoint.py")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     torch.manual_seed(args.seed)
     load_start = time.perf_counter()
     model = load_model(args.checkpoint_path, device, DTYPES[args.dtype])
-    try:
-        tokenizer = Tokenizer(args.checkpoint_path.parent)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # tokenizers/sentencepiece raise bare exceptions on a corrupt file
-        raise UsageError(f"cannot read the tokenizer in {args.checkpoint_path.parent} ({error}); convert the checkpoint again")
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    draft_model = None
+    if args.draft_checkpoint_path is not None:
+        draft_model = load_model(args.draft_checkpoint_path, device, DTYPES[args.dtype])
+        check_same_tokenizer(model, tokenizer, draft_model, args.draft_checkpoint_path)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - load_start:.2f} s", file=sys.stderr)
     stop_ids = () if args.ignore_eos else tokenizer.eos_ids
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if draft_model is not None:
+        sampling.update(draft_model=draft_model, speculate_k=args.speculate_k)
 
     prompts = sys.stdin if args.interactive else [args.prompt]
     if args.interactive and args.max_seq_length is None:
@@ -326,12 +447,13 @@ def run(args):
             ids = encode_prompt(tokenizer, text, args.chat, args.system)
         except ValueError as error:
             raise UsageError(str(error))
-        max_seq_length = args.max_seq_length or len(ids) + args.max_new_tokens
-        if len(ids) >= max_seq_length:
+        slack = args.speculate_k + 1 if draft_model is not None else 0
+        max_seq_length = args.max_seq_length or len(ids) + args.max_new_tokens + slack
+        if len(ids) + slack >= max_seq_length:
             raise UsageError(f"the prompt is {len(ids)} tokens but the KV cache holds {max_seq_length}; raise --max_seq_length or shorten the prompt")
         prompt = torch.tensor(ids, dtype=torch.long, device=device)
         if args.compile and not compiled:
-            compile_functions(model, device, args.compile_prefill)
+            compile_functions([model, draft_model] if draft_model is not None else model, device, args.compile_prefill)
             compile_start = time.perf_counter()
             generate(model, prompt, min(args.max_new_tokens, 4), batch_size=args.batch_size,
                      max_seq_length=max_seq_length, stop_ids=(), **sampling)
@@ -370,6 +492,8 @@ def run(args):
                 f"peak memory {peak_memory_gb(device):.2f} GB (prefill {len(ids)} tokens in {timings['prefill_s']:.2f} s)",
                 file=sys.stderr,
             )
+            if draft_model is not None:
+                print(acceptance_summary(timings["accepted"], args.speculate_k), file=sys.stderr)
     if args.report_memory:
         print(memory_report(model, device), file=sys.stderr)
 

@@ -114,6 +114,11 @@ class KVCache(nn.Module):
         v_out.index_copy_(2, input_pos, v_val)
         return k_out, v_out
 
+    def move(self, source: Tensor, destination: Tensor):
+        """Copy the entries at slots `source` to slots `destination` (Medusa keeps the accepted tree path)."""
+        for cache in (self.k_cache, self.v_cache):
+            cache.index_copy_(2, destination, cache.index_select(2, source))
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -142,7 +147,7 @@ class Attention(nn.Module):
         self.sliding = args.layer_types[layer_id] == "sliding_attention"
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple, mask: Tensor, cache_pos: Tensor) -> Tensor:
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -154,7 +159,7 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(cache_pos, k, v)
         y = self.attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
 
@@ -183,8 +188,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x, rope, mask, cache_pos):
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -225,26 +230,31 @@ class Transformer(nn.Module):
         if self.args.sliding_window:
             pos = torch.arange(max_seq_length, device=device)
             window = pos[None, :] > pos[:, None] - self.args.sliding_window  # key > query - window, as HF
-            self.register_buffer("sliding_mask", causal & window, persistent=False)
+            self.register_buffer("window_mask", window, persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """Logits for tokens `idx` [batch, seq] placed at positions `input_pos` [seq].
+    def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None,
+                cache_pos: Optional[Tensor] = None, return_hidden: bool = False):
+        """Logits for tokens `idx` [batch, seq] at positions `input_pos` [seq], their K/V written to the
+        cache slots `cache_pos` (default: the same as the positions).
 
         With no mask, each token attends causally to the cache (the rows of the causal mask at
-        input_pos). Drafting passes its own [.., seq, max_seq_length] mask instead.
+        input_pos). Drafting passes its own [.., seq, max_seq_length] mask instead: Medusa's tree
+        nodes sit at depth-based positions but in slots of their own, so slots and positions differ.
+        With return_hidden, also the final normed hidden state (what Medusa heads read).
         """
         dtype = self.tok_embeddings.weight.dtype
         rope = (self.rope_cos[input_pos].to(dtype), self.rope_sin[input_pos].to(dtype))
         full_mask = self.causal_mask[None, None, input_pos] if mask is None else mask
         sliding_mask = None
-        if self.args.sliding_window:
-            sliding_mask = self.sliding_mask[None, None, input_pos]
-            if mask is not None:
-                sliding_mask = sliding_mask & mask
+        if self.args.sliding_window:  # the window is counted from each token's position, whatever its slot
+            sliding_mask = full_mask & self.window_mask[None, None, input_pos]
+        cache_pos = input_pos if cache_pos is None else cache_pos
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, rope, sliding_mask if layer.attention.sliding else full_mask, input_pos)
-        return self.output(self.norm(x))
+            x = layer(x, rope, sliding_mask if layer.attention.sliding else full_mask, cache_pos)
+        hidden = self.norm(x)
+        logits = self.output(hidden)
+        return (logits, hidden) if return_hidden else logits
 
 
 def rope_inverse_frequencies(args: ModelArgs) -> Tensor:

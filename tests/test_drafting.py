@@ -1,0 +1,126 @@
+"""Drafting: speculative decoding and Medusa must give exactly plain greedy decoding's tokens (float32), and
+speculative sampling must draw from exactly the target's distribution."""
+import shutil
+
+import pytest
+import torch
+
+import generate
+from conftest import build_hf_model, family_configs
+from convert_hf_checkpoint import convert
+from generate import generate as generate_tokens, load_model, logits_to_probs, speculative_decode
+from quantize import quantize_checkpoint
+from test_generate import main_exit, run_cli
+
+
+def different_draft(family, tmp_path):
+    """Same shape and vocabulary as the tiny target, other random weights: most proposals get rejected."""
+    folder = tmp_path / f"{family}-draft"
+    build_hf_model(family_configs()[family], seed=1).save_pretrained(folder)
+    return load_model(convert(checkpoint_dir=folder), "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_speculative_equals_greedy(family, tiny_models, tmp_path):
+    _, _, checkpoint = tiny_models[family]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))
+    plain = generate_tokens(model, prompt, 40)
+    drafts = {"int4": load_model(quantize_checkpoint(checkpoint, "int4", 32), "cpu", torch.float32),
+              "other weights": different_draft(family, tmp_path)}
+    acceptance = {}
+    for name, draft in drafts.items():
+        for k in (1, 4):
+            timings = {}
+            drafted = generate_tokens(model, prompt, 40, draft_model=draft, speculate_k=k, timings=timings)
+            assert torch.equal(drafted, plain), (name, k)
+            acceptance[name, k] = sum(timings["accepted"]) / len(timings["accepted"])
+    # Both branches really ran: the int4 copy agrees often (bonus tokens), the stranger rarely (rejections).
+    assert acceptance["int4", 4] > 2 and acceptance["other weights", 4] < 1
+
+
+def first_two_tokens(model, draft, prefix, cur_token, samples, speculate_k, **sampling):
+    """Histograms of the first and second token that speculative steps produce from one fixed state."""
+    first, second = torch.zeros(256), torch.zeros(256)
+    input_pos = prefix.shape[1]
+    for _ in range(samples):
+        produced, _ = speculative_decode(model, draft, cur_token, input_pos, speculate_k, **sampling)
+        first[produced[0]] += 1
+        if len(produced) > 1:
+            second[produced[1]] += 1
+        else:  # only a replacement token came out: draw the next one as plain decoding would
+            logits = model(produced.view(1, 1), torch.tensor([input_pos + 1]))
+            second[torch.multinomial(logits_to_probs(logits[0, -1], **sampling), 1)] += 1
+    return first / samples, second / samples
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def test_speculative_sampling_matches_the_target_distribution(tiny_models, tmp_path, monkeypatch):
+    """Over many draws from one state, the produced tokens follow the target's own distribution, not the
+    draft's; and wrong accept rules (always accept; accept only where p_target > p_draft, with no coin) are
+    caught by the same check."""
+    torch.manual_seed(0)
+    _, _, checkpoint = tiny_models["qwen2"]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    draft = load_model(checkpoint, "cpu", torch.float32)
+    with torch.no_grad():  # a related but clearly different draft: the same top tokens, much sharper
+        draft.output.weight.mul_(4.0)
+    sampling = dict(temperature=1.0, top_k=6)
+    prefix = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    for m in (model, draft):
+        m.setup_caches(1, 32)
+    with torch.no_grad():
+        model(prefix, torch.arange(10))
+        draft(prefix, torch.arange(10))
+        cur_token = torch.tensor([[7]])
+        # Exact target distributions: next token, and the token after it (summed over the next token).
+        target_first = logits_to_probs(model(cur_token, torch.tensor([10]))[0, -1], **sampling)
+        draft_first = logits_to_probs(draft(cur_token, torch.tensor([10]))[0, -1], **sampling)
+        target_second = torch.zeros(256)
+        for token in target_first.nonzero()[:, 0]:
+            logits = model(token.view(1, 1), torch.tensor([11]))
+            target_second += target_first[token] * logits_to_probs(logits[0, -1], **sampling)
+        assert total_variation(draft_first, target_first) > 0.2  # the draft alone would fail the check below
+
+        samples, tolerance = 3000, 0.05  # measured: 0.013 and 0.026 (noise); wrong rules 0.22 to 0.34
+        first, second = first_two_tokens(model, draft, prefix, cur_token, samples, 2, **sampling)
+        assert total_variation(first, target_first) < tolerance
+        assert total_variation(second, target_second) < tolerance
+
+        for coin in (-1.0, 1.0):  # the rule is `coin * p_draft < p_target`, the coin uniform in [0, 1)
+            monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, coin, **kw))
+            wrong_first, wrong_second = first_two_tokens(model, draft, prefix, cur_token, 1000, 2, **sampling)
+            assert max(total_variation(wrong_first, target_first),
+                       total_variation(wrong_second, target_second)) > 2 * tolerance, coin
+
+
+def test_draft_with_another_tokenizer_is_refused(smollm2_checkpoint, tiny_models, tmp_path, capsys):
+    _, _, tiny = tiny_models["llama"]
+    draft_dir = tmp_path / "draft"
+    shutil.copytree(smollm2_checkpoint.parent, draft_dir, ignore=shutil.ignore_patterns("*.pth"))
+    shutil.copy(tiny, draft_dir / "model.pth")  # 256-token vocabulary under SmolLM2's tokenizer files
+    code, err = main_exit(["--checkpoint_path", smollm2_checkpoint, "--draft_checkpoint_path", draft_dir / "model.pth",
+                           "--max_new_tokens", 3], capsys)
+    assert code == 2 and "does not share the target's tokenizer" in err and "vocabulary size" in err
+
+
+def test_speculative_needs_batch_one(smollm2_checkpoint, capsys):
+    code, err = main_exit(["--checkpoint_path", smollm2_checkpoint, "--draft_checkpoint_path", smollm2_checkpoint,
+                           "--batch_size", 2], capsys)
+    assert code == 2 and "--batch_size 1" in err
+
+
+@pytest.mark.slow
+def test_smollm2_compiled_speculative_with_int8_draft_equals_greedy(smollm2_checkpoint):
+    """The CLI, compiled, target float32 with its int8 copy as draft: the text of plain greedy decoding."""
+    draft = quantize_checkpoint(smollm2_checkpoint, "int8", 32)
+    common = ["--checkpoint_path", smollm2_checkpoint, "--chat", "--prompt", "Write a haiku about the sea.",
+              "--dtype", "float32", "--max_new_tokens", 48]
+    plain = run_cli(*common)
+    drafted = run_cli(*common, "--compile", "--draft_checkpoint_path", draft, "--speculate_k", 4)
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and len(plain.stdout) > 40
+    assert "Acceptance:" in drafted.stderr
