@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from convert_hf_checkpoint import ConversionError, load_checkpoint
+from medusa import MedusaHeads, MedusaTree, load_medusa_heads, parse_tree, tree_attention_mask
 from model import Attention, ModelArgs, Transformer
 from tokenizer import StreamingDecoder, Tokenizer
 
@@ -56,8 +57,10 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] = None
 # ---------------------------------------------------------------- the loop
 
 
-def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
-    return sample(model(x, input_pos), **sampling)[0]
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling):
+    """The first new token, and the last position's final hidden state (what Medusa heads read)."""
+    logits, hidden = model(x, input_pos, return_hidden=True)
+    return sample(logits, **sampling)[0], hidden[:, -1]
 
 
 def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling):
@@ -99,7 +102,7 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
         draft_probs.append(probs.clone())
     draft_tokens = torch.cat(draft_tokens, dim=1)  # [1, k]
     positions = torch.arange(input_pos, input_pos + speculate_k + 1, device=device)
-    target_logits = verify(model, torch.cat([cur_token, draft_tokens], dim=1), positions)[0].float()  # [k + 1, vocab]
+    target_logits = verify(model, torch.cat([cur_token, draft_tokens], dim=1), positions)[0][0].float()  # [k + 1, vocab]
     draft_tokens = draft_tokens[0]
 
     if sampling.get("temperature", 0) <= 0:  # greedy: keep draft tokens while they are the target's argmax
@@ -125,8 +128,68 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
     return torch.cat([draft_tokens[:accepted], next_token.view(1)]), accepted
 
 
-def verify(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
-    return model(tokens, input_pos)
+def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None,
+           cache_pos: Optional[Tensor] = None):
+    """The target's logits and hidden states for several drafted positions in one forward."""
+    return model(tokens, input_pos, mask, cache_pos, return_hidden=True)
+
+
+def propose(heads: MedusaHeads, hidden: Tensor) -> Tensor:
+    return heads(hidden)
+
+
+def typical_threshold(probs: Tensor, posterior_threshold: float, posterior_alpha: float) -> Tensor:
+    """Medusa's typical acceptance: a token is plausible when its probability beats
+    min(threshold, alpha * exp(-entropy)): strict where the target is sure, lenient where it is not."""
+    entropy = -(probs * torch.log(probs + 1e-5)).sum(-1)
+    return torch.minimum(torch.full_like(entropy, posterior_threshold), posterior_alpha * torch.exp(-entropy))
+
+
+def medusa_decode(model: Transformer, heads: MedusaHeads, tree: MedusaTree, cur_token: Tensor, head_logits: Tensor,
+                  input_pos: int, typical: Optional[tuple] = None, temperature: float = 0.0):
+    """One Medusa step, batch 1: build the candidate tree from the heads' top-k, verify it in one forward,
+    keep the longest path the target accepts and move its K/V entries into place in the cache.
+
+    head_logits [num_heads, vocab] are the heads' guesses for the tokens after cur_token. Greedy (typical
+    None) accepts a candidate when it is the target's argmax; typical=(threshold, alpha) when it is
+    plausible under the target at `temperature`. Returns the tokens produced, the number of tree tokens
+    accepted, and the heads' guesses for the next step.
+    """
+    device = cur_token.device
+    candidates = torch.cat([cur_token.view(1), head_logits.topk(tree.topk, dim=-1).indices.flatten()])
+    tree_tokens = candidates[tree.token_indices]
+    slots = input_pos + torch.arange(tree.size, device=device)
+    mask = tree_attention_mask(tree, input_pos, model.max_seq_length)
+    logits, hidden = verify(model, tree_tokens[None], input_pos + tree.depths, mask, slots)
+    logits = logits[0].float()
+    paths = tree.paths.clamp(min=0)
+    path_tokens = tree_tokens[paths]  # [leaves, depth + 1], the root first
+    parent_logits = logits[paths[:, :-1]]  # what the target predicts after each path node
+    if typical is None:
+        agree = parent_logits.argmax(dim=-1) == path_tokens[:, 1:]
+    else:
+        probs = torch.softmax(parent_logits / temperature, dim=-1)
+        candidate_probs = probs.gather(-1, path_tokens[:, 1:, None])[..., 0]
+        agree = candidate_probs > typical_threshold(probs, *typical)
+    accept_lengths = torch.cumprod(agree & (tree.paths[:, 1:] >= 0), dim=1).sum(dim=1)
+    accepted = int(accept_lengths.max())
+    best = int(accept_lengths.argmax())
+    if typical is not None and accepted > 0:  # among the longest paths, the one the target finds likeliest
+        likelihood = candidate_probs[:, :accepted].log().sum(dim=1)
+        best = int(torch.where(accept_lengths == accepted, likelihood, -float("inf")).argmax())
+    nodes = paths[best, : accepted + 1]
+    last_logits = logits[nodes[-1]]
+    if typical is None:
+        next_token = last_logits.argmax()
+    else:
+        probs = torch.softmax(last_logits / temperature, dim=-1)
+        probs = probs.masked_fill(probs < typical_threshold(probs, *typical), 0)
+        next_token = torch.multinomial(probs / probs.sum(), 1)[0]
+    if accepted:  # the kept path's K/V go to the slots right after the prefix; the rest is stale, masked
+        for layer in model.layers:
+            layer.attention.kv_cache.move(slots[nodes], slots[: accepted + 1])
+    next_head_logits = propose(heads, hidden[0, nodes[-1]])
+    return torch.cat([path_tokens[best, 1 : accepted + 1], next_token.view(1)]), accepted, next_head_logits
 
 
 def drafted_decode_n_tokens(step: Callable, cur_token: Tensor, input_pos: int, num_new_tokens: int, stop_ids: Tensor,
@@ -151,15 +214,21 @@ def drafted_decode_n_tokens(step: Callable, cur_token: Tensor, input_pos: int, n
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
              max_seq_length: Optional[int] = None, stop_ids=(), callback: Callable = lambda token: None,
              timings: Optional[dict] = None, draft_model: Optional[Transformer] = None, speculate_k: int = 5,
-             **sampling) -> Tensor:
+             medusa_heads: Optional[MedusaHeads] = None, medusa_tree: Optional[MedusaTree] = None,
+             typical: Optional[tuple] = None, **sampling) -> Tensor:
     """Prompt [T] (repeated batch_size times) or [batch, T] -> [batch, T + generated].
     Rows that stopped early keep tokens past their stop; cut them with `until_stop`.
     With a draft model, speculative decoding (batch 1): the same tokens as without it when greedy,
-    the same distribution when sampling; timings["accepted"] gets the draft tokens accepted per step."""
+    the same distribution when sampling. With Medusa heads and a tree (batch 1): the same tokens when
+    greedy; typical=(threshold, alpha) for Medusa's typical acceptance when sampling.
+    timings["accepted"] gets the drafted tokens accepted per step."""
     x = prompt if prompt.dim() == 2 else prompt.view(1, -1).repeat(batch_size, 1)
     batch_size, length = x.shape
     device = prompt.device
-    slack = speculate_k + 1 if draft_model is not None else 0  # verification writes up to k + 1 slots ahead
+    if medusa_heads is not None and medusa_tree.depth > len(medusa_heads):
+        raise ValueError(f"the tree is {medusa_tree.depth} deep but there are {len(medusa_heads)} Medusa heads")
+    # Verification writes ahead of the last kept token: k + 1 slots, or a whole tree.
+    slack = speculate_k + 1 if draft_model is not None else medusa_tree.size if medusa_heads is not None else 0
     max_seq_length = max_seq_length or length + max_new_tokens + slack
     max_new_tokens = min(max_new_tokens, max_seq_length - length - slack)
     with torch.device(device):
@@ -169,7 +238,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
 
     start = time.perf_counter()
     prompt_pos = torch.arange(length, device=device)
-    first = prefill(model, x, prompt_pos, **sampling).clone()
+    first, last_hidden = prefill(model, x, prompt_pos, **sampling)
+    first = first.clone()
     if draft_model is not None:
         prefill(draft_model, x, prompt_pos, **sampling)  # only its cache is wanted
     callback(first)
@@ -177,12 +247,21 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
     prefill_done = time.perf_counter()
     tokens, accepted_counts = [first], []
     if max_new_tokens > 1 and not torch.isin(first[:, 0], stop_ids).all():
-        if draft_model is None:
+        if draft_model is not None:
+            def step(cur_token, input_pos):
+                return speculative_decode(model, draft_model, cur_token, input_pos, speculate_k, **sampling)
+        elif medusa_heads is not None:
+            head_logits = [propose(medusa_heads, last_hidden[0])]
+
+            def step(cur_token, input_pos):
+                produced, accepted, head_logits[0] = medusa_decode(
+                    model, medusa_heads, medusa_tree, cur_token, head_logits[0], input_pos,
+                    typical if sampling.get("temperature", 0) > 0 else None, sampling.get("temperature", 0))
+                return produced, accepted
+        if draft_model is None and medusa_heads is None:
             input_pos = torch.tensor([length], device=device, dtype=torch.long)
             tokens += decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, **sampling)
         else:
-            def step(cur_token, input_pos):
-                return speculative_decode(model, draft_model, cur_token, input_pos, speculate_k, **sampling)
             tokens += drafted_decode_n_tokens(step, first, length, max_new_tokens - 1, stop_ids, callback, accepted_counts)
     synchronize(device)
     if timings is not None:
@@ -244,7 +323,7 @@ class DecodeAttention(Attention):
         return out.view(batch, heads, 1, head_dim).to(k.dtype)
 
 
-EAGER_FUNCTIONS = {"decode_one_token": decode_one_token, "prefill": prefill, "verify": verify}
+EAGER_FUNCTIONS = {"decode_one_token": decode_one_token, "prefill": prefill, "verify": verify, "propose": propose}
 
 
 def compile_functions(models, device, compile_prefill: bool = False):
@@ -252,8 +331,8 @@ def compile_functions(models, device, compile_prefill: bool = False):
     device, by measurement. `models`: the model, or a list (target and draft).
 
     Rebinds this module's functions (as gpt-fast does), always from the eager originals."""
-    global decode_one_token, prefill, verify
-    decode_one_token, prefill, verify = (EAGER_FUNCTIONS[name] for name in ("decode_one_token", "prefill", "verify"))
+    global decode_one_token, prefill, verify, propose
+    decode_one_token, prefill, verify, propose = (EAGER_FUNCTIONS[name] for name in EAGER_FUNCTIONS)
     if torch.device(device).type == "cuda":
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     else:
@@ -269,6 +348,7 @@ def compile_functions(models, device, compile_prefill: bool = False):
         inductor_config.cpp_wrapper = True
         decode_one_token = torch.compile(decode_one_token, fullgraph=True)
     verify = torch.compile(verify, fullgraph=True)  # a fixed number of positions: one static graph
+    propose = torch.compile(propose, fullgraph=True)
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
 
@@ -351,6 +431,14 @@ def parse_args(argv=None):
     parser.add_argument("--draft_checkpoint_path", type=Path, default=None,
                         help="speculative decoding with this draft model (same tokenizer; e.g. an int4 copy of the target)")
     parser.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step")
+    parser.add_argument("--medusa_checkpoint_path", type=Path, default=None,
+                        help="Medusa heads: a folder with medusa_lm_head.safetensors|.pt and config.json (FasterDecoding layout)")
+    parser.add_argument("--medusa_choices", default="chain2", help="candidate tree: a name (chain1, chain2, chain3, "
+                        "tree4, tree8, mc_sim_7b_63) or a file with a list of paths such as [[0], [1], [0, 0]]")
+    parser.add_argument("--medusa_sampling", choices=["greedy", "typical"], default="greedy",
+                        help="with --temperature > 0, typical acceptance (Medusa's) instead of greedy verification")
+    parser.add_argument("--posterior_threshold", type=float, default=0.09, help="typical acceptance: probability cap")
+    parser.add_argument("--posterior_alpha", type=float, default=0.3, help="typical acceptance: entropy factor")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
@@ -366,8 +454,12 @@ def parse_args(argv=None):
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (args.max_seq_length is not None and args.max_seq_length < 2, "--max_seq_length must be at least 2"),
         (args.speculate_k < 1, "--speculate_k must be at least 1"),
-        (args.draft_checkpoint_path is not None and args.batch_size != 1,
-         "speculative decoding runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path"),
+        ((args.draft_checkpoint_path or args.medusa_checkpoint_path) is not None and args.batch_size != 1,
+         "drafting runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path or --medusa_checkpoint_path"),
+        (args.draft_checkpoint_path is not None and args.medusa_checkpoint_path is not None,
+         "give --draft_checkpoint_path or --medusa_checkpoint_path, not both"),
+        (args.medusa_sampling == "typical" and args.temperature == 0,
+         "--medusa_sampling typical needs --temperature > 0 (at 0 Medusa verifies greedily)"),
     ]
     for failed, message in checks:
         if failed:
@@ -406,15 +498,17 @@ def check_same_tokenizer(model: Transformer, tokenizer: Tokenizer, draft_model: 
                          "use a draft from the same model family, e.g. an int8/int4 copy of the target made by quantize.py")
 
 
-def acceptance_summary(accepted_counts: list, speculate_k: int) -> str:
+def acceptance_summary(accepted_counts: list, depth: int) -> str:
     steps = max(len(accepted_counts), 1)
     counts = torch.tensor(accepted_counts, dtype=torch.float)
-    per_position = [(counts > i).sum().item() / steps for i in range(speculate_k)]
+    per_position = [(counts > i).sum().item() / steps for i in range(depth)]
     return (f"Acceptance: {(counts + 1).mean().item():.2f} tokens per target forward over {len(accepted_counts)} steps; "
-            "draft position accepted: " + " ".join(f"{rate:.2f}" for rate in per_position))
+            "drafted position accepted: " + " ".join(f"{rate:.2f}" for rate in per_position))
 
 
 def run(args):
+    if args.medusa_checkpoint_path is not None and not args.medusa_checkpoint_path.exists():
+        raise UsageError(f"Medusa heads {args.medusa_checkpoint_path} not found; train them with scripts/train_medusa.py")
     for path in (args.checkpoint_path, args.draft_checkpoint_path):
         if path is not None and not path.is_file():
             raise UsageError(f"checkpoint {path} not found; create it with scripts/prepare.sh or convert_hf_checkpoint.py")
@@ -434,6 +528,18 @@ def run(args):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if draft_model is not None:
         sampling.update(draft_model=draft_model, speculate_k=args.speculate_k)
+    medusa_heads = None
+    if args.medusa_checkpoint_path is not None:
+        try:
+            tree = parse_tree(args.medusa_choices).to(device)
+        except ValueError as error:
+            raise UsageError(str(error))
+        medusa_heads = load_medusa_heads(args.medusa_checkpoint_path, model.args).to(device=device, dtype=DTYPES[args.dtype])
+        if tree.depth > len(medusa_heads):
+            raise UsageError(f"tree {args.medusa_choices} is {tree.depth} deep but {args.medusa_checkpoint_path} has "
+                             f"{len(medusa_heads)} heads; pick a shallower tree")
+        typical = (args.posterior_threshold, args.posterior_alpha) if args.medusa_sampling == "typical" else None
+        sampling.update(medusa_heads=medusa_heads, medusa_tree=tree, typical=typical)
 
     prompts = sys.stdin if args.interactive else [args.prompt]
     if args.interactive and args.max_seq_length is None:
@@ -447,13 +553,13 @@ def run(args):
             ids = encode_prompt(tokenizer, text, args.chat, args.system)
         except ValueError as error:
             raise UsageError(str(error))
-        slack = args.speculate_k + 1 if draft_model is not None else 0
+        slack = args.speculate_k + 1 if draft_model is not None else sampling["medusa_tree"].size if medusa_heads is not None else 0
         max_seq_length = args.max_seq_length or len(ids) + args.max_new_tokens + slack
         if len(ids) + slack >= max_seq_length:
             raise UsageError(f"the prompt is {len(ids)} tokens but the KV cache holds {max_seq_length}; raise --max_seq_length or shorten the prompt")
         prompt = torch.tensor(ids, dtype=torch.long, device=device)
         if args.compile and not compiled:
-            compile_functions([model, draft_model] if draft_model is not None else model, device, args.compile_prefill)
+            compile_functions([m for m in (model, draft_model, medusa_heads) if m is not None], device, args.compile_prefill)
             compile_start = time.perf_counter()
             generate(model, prompt, min(args.max_new_tokens, 4), batch_size=args.batch_size,
                      max_seq_length=max_seq_length, stop_ids=(), **sampling)
@@ -492,8 +598,9 @@ def run(args):
                 f"peak memory {peak_memory_gb(device):.2f} GB (prefill {len(ids)} tokens in {timings['prefill_s']:.2f} s)",
                 file=sys.stderr,
             )
-            if draft_model is not None:
-                print(acceptance_summary(timings["accepted"], args.speculate_k), file=sys.stderr)
+            if draft_model is not None or medusa_heads is not None:
+                depth = args.speculate_k if draft_model is not None else sampling["medusa_tree"].depth
+                print(acceptance_summary(timings["accepted"], depth), file=sys.stderr)
     if args.report_memory:
         print(memory_report(model, device), file=sys.stderr)
 

@@ -7,8 +7,9 @@ import torch
 
 import generate
 from conftest import build_hf_model, family_configs
-from convert_hf_checkpoint import convert
+from convert_hf_checkpoint import ConversionError, convert
 from generate import generate as generate_tokens, load_model, logits_to_probs, speculative_decode
+from medusa import MedusaHeads, build_tree, load_medusa_heads, parse_tree, tree_attention_mask
 from quantize import quantize_checkpoint
 from test_generate import main_exit, run_cli
 
@@ -124,3 +125,133 @@ def test_smollm2_compiled_speculative_with_int8_draft_equals_greedy(smollm2_chec
     assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
     assert drafted.stdout == plain.stdout and len(plain.stdout) > 40
     assert "Acceptance:" in drafted.stderr
+
+
+# ---------------------------------------------------------------- Medusa
+
+
+def test_tree_buffers_worked_out_by_hand():
+    """Root r; (0,) -> node 1, (1,) -> node 2, (0, 0) -> node 3. Top-k is 2, so the candidate list is
+    [root, head 0 rank 0, head 0 rank 1, head 1 rank 0, head 1 rank 1]."""
+    tree = build_tree([(1,), (0, 0), (0,)])  # any order: parents are sorted first
+    assert tree.topk == 2
+    assert tree.token_indices.tolist() == [0, 1, 2, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2]
+    assert tree.attention.int().tolist() == [[1, 0, 0, 0],
+                                             [1, 1, 0, 0],
+                                             [1, 0, 1, 0],
+                                             [1, 1, 0, 1]]
+    assert tree.paths.tolist() == [[0, 2, -1], [0, 1, 3]]  # leaves (1,) and (0, 0)
+    # In the cache: prefix of 3 slots, the tree in slots 3..6 of 8.
+    mask = tree_attention_mask(tree, 3, 8)[0, 0].int().tolist()
+    assert mask == [[1, 1, 1, 1, 0, 0, 0, 0],
+                    [1, 1, 1, 1, 1, 0, 0, 0],
+                    [1, 1, 1, 1, 0, 1, 0, 0],
+                    [1, 1, 1, 1, 1, 0, 1, 0]]
+    wide = build_tree([(0,), (2,), (0, 1)])  # top-k 3: (2,) is head 0 rank 2, (0, 1) head 1 rank 1
+    assert wide.token_indices.tolist() == [0, 1, 3, 1 + 3 + 1]
+
+
+def test_bad_trees_are_refused():
+    with pytest.raises(ValueError, match="no parent"):
+        build_tree([(0,), (1, 0)])
+    with pytest.raises(ValueError, match="neither a tree name"):
+        parse_tree("no-such-tree")
+
+
+def random_heads(model, num_heads=3, seed=0):
+    torch.manual_seed(seed)
+    heads = MedusaHeads.fresh(model.output, num_heads)
+    with torch.no_grad():
+        for parameter in heads.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return heads
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_medusa_equals_greedy(family, tiny_models):
+    """Random heads (fresh copies of the output projection, perturbed) over every shipped shallow tree.
+    Fresh heads guess the next token, not the one after, so some guesses land and some do not."""
+    _, _, checkpoint = tiny_models[family]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    heads = random_heads(model, 4)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))
+    plain = generate_tokens(model, prompt, 40)
+    accepted = []
+    for name in ("chain1", "chain3", "tree4", "tree8", "mc_sim_7b_63"):
+        timings = {}
+        drafted = generate_tokens(model, prompt, 40, medusa_heads=heads, medusa_tree=parse_tree(name), timings=timings)
+        assert torch.equal(drafted, plain), name
+        accepted += timings["accepted"]
+    assert 0 < sum(accepted) < 40 * 5  # paths were both kept and cut
+
+
+@pytest.mark.parametrize("wrong_rank", [None, 2])
+def test_medusa_keeps_the_accepted_path_in_the_cache(tiny_models, wrong_rank):
+    """Guesses set to the target's own greedy continuation are all accepted along (0, 0, 0, 0); with head 2's
+    best guess wrong and its second right, the path (0, 0, 1) wins, whose nodes are not in adjacent slots.
+    Either way the cache then holds what plain decoding of the kept tokens writes there."""
+    _, _, checkpoint = tiny_models["qwen3"]
+    model, reference = load_model(checkpoint, "cpu", torch.float32), load_model(checkpoint, "cpu", torch.float32)
+    heads = random_heads(model, 4)
+    tree = parse_tree("mc_sim_7b_63")
+    prefix = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    cur = torch.tensor([[5]])
+    for m in (model, reference):
+        m.setup_caches(1, 128)
+    with torch.no_grad():
+        continuation = generate_tokens(reference, torch.cat([prefix, cur], dim=1)[0], 5)[0, 10:]
+        head_logits = torch.zeros(4, 256)
+        head_logits[torch.arange(4), continuation[:4]] = 10.0
+        if wrong_rank is not None:
+            head_logits[wrong_rank, (continuation[wrong_rank] + 1) % 256] = 20.0
+        model(prefix, torch.arange(9))
+        produced, accepted, _ = generate.medusa_decode(model, heads, tree, cur, head_logits, 9)
+        assert accepted == (4 if wrong_rank is None else 3)
+        assert torch.equal(produced, continuation[: accepted + 1])
+        kept = torch.cat([cur[0], produced[:-1]])
+        reference(torch.cat([prefix, kept[None]], dim=1), torch.arange(9 + len(kept)))
+    n = 9 + len(kept)
+    for ours, theirs in zip(model.layers, reference.layers):
+        for name in ("k_cache", "v_cache"):
+            assert torch.allclose(getattr(ours.attention.kv_cache, name)[..., :n, :],
+                                  getattr(theirs.attention.kv_cache, name)[..., :n, :], atol=1e-5)
+
+
+def test_published_head_layout_loads_and_mismatches_are_refused(tiny_models, tmp_path):
+    _, _, checkpoint = tiny_models["llama"]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    # Built by hand in FasterDecoding's key layout: {head}.{layer}.linear.weight|bias, {head}.{num_layers}.weight.
+    state_dict = {}
+    for head in range(2):
+        state_dict[f"{head}.0.linear.weight"] = torch.randn(64, 64)
+        state_dict[f"{head}.0.linear.bias"] = torch.randn(64)
+        state_dict[f"{head}.1.weight"] = torch.randn(256, 64)
+    folder = tmp_path / "heads"
+    folder.mkdir()
+    torch.save(state_dict, folder / "medusa_lm_head.pt")
+    (folder / "config.json").write_text('{"medusa_num_heads": 2, "medusa_num_layers": 1, "base_model_name_or_path": "x"}')
+    heads = load_medusa_heads(folder, model.args)
+    assert len(heads) == 2 and torch.equal(heads[1][1].weight, state_dict["1.1.weight"])
+    hidden = torch.randn(64)
+    expected = state_dict["0.1.weight"] @ (hidden + torch.nn.functional.silu(state_dict["0.0.linear.weight"] @ hidden + state_dict["0.0.linear.bias"]))
+    assert torch.allclose(heads(hidden)[0], expected, atol=1e-4)
+
+    state_dict["1.1.weight"] = torch.randn(300, 64)  # another vocabulary
+    torch.save(state_dict, folder / "medusa_lm_head.pt")
+    with pytest.raises(ConversionError, match="vocabulary size"):
+        load_medusa_heads(folder, model.args)
+    for key in list(state_dict):
+        state_dict[key] = torch.randn(*[48 if n == 64 else n for n in state_dict[key].shape])  # another hidden size
+    state_dict["1.1.weight"] = torch.randn(256, 48)
+    torch.save(state_dict, folder / "medusa_lm_head.pt")
+    with pytest.raises(ConversionError, match="hidden size"):
+        load_medusa_heads(folder, model.args)
+
+
+def test_medusa_cli_errors(smollm2_checkpoint, tmp_path, capsys):
+    code, err = main_exit(["--checkpoint_path", smollm2_checkpoint, "--medusa_checkpoint_path", tmp_path / "none"], capsys)
+    assert code == 2 and "Medusa heads" in err and "not found" in err
+    code, err = main_exit(["--checkpoint_path", smollm2_checkpoint, "--medusa_checkpoint_path", tmp_path,
+                           "--medusa_choices", "tree9"], capsys)
+    assert code == 2 and "neither a tree name" in err
