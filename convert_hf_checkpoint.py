@@ -170,22 +170,48 @@ def convert_hf_folder(directory: Path, output: Path, dtype=None) -> tuple:
     if config.get("mlp_bias"):
         raise ConversionError("MLP biases (mlp_bias=true) are not supported")
     args = ModelArgs.from_hf_config(config)
-    state_dict = {}
+    state_dict, medusa_heads = {}, {}
     files = hf_weight_files(directory)
     with tqdm(total=len(files), desc="reading shards", unit="file", disable=len(files) < 2) as bar:
         for file in files:
             for name, tensor in read_weight_file(file).items():
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # a cached rope buffer some old checkpoints carry; we recompute it
+                if name.startswith("medusa_head."):  # a "medusa-1.0" model bundles its heads: split them out
+                    medusa_heads[name.removeprefix("medusa_head.")] = tensor
+                    continue
                 state_dict[rename(name, HF_TOP_NAMES, r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", HF_LAYER_NAMES)] = tensor
             bar.update()
     state_dict = cast(fuse_qkv(state_dict, args), dtype)
     check_complete(state_dict, args)
+    if medusa_heads:
+        num_layers = config.get("medusa_num_layers") or max(int(name.split(".")[1]) for name in medusa_heads)
+        num_heads = config.get("medusa_num_heads") or 1 + max(int(name.split(".")[0]) for name in medusa_heads)
+        heads_dir = output.parent / "medusa"
+        write_medusa_heads(medusa_heads, num_heads, num_layers, heads_dir, str(directory))
+        print(f"Medusa: {num_heads} bundled heads -> {heads_dir} (use --medusa_checkpoint_path {heads_dir})")
     if directory.resolve() != output.parent.resolve():
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
                 shutil.copy(directory / name, output.parent / name)
     return args, state_dict
+
+
+def write_medusa_heads(heads: dict, num_heads: int, num_layers: int, directory: Path, base_model: str,
+                       shared_projection: bool = False) -> Path:
+    """Medusa heads in FasterDecoding's layout: medusa_lm_head.safetensors + config.json. `shared_projection`
+    (our key; other loaders ignore it) records that every head's projection is still the base model's own."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "medusa_lm_head.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp))
+    tmp.replace(path)
+    (directory / "config.json").write_text(json.dumps(
+        {"medusa_num_heads": num_heads, "medusa_num_layers": num_layers, "base_model_name_or_path": base_model,
+         "shared_projection": shared_projection}, indent=2) + "\n")
+    return path
 
 
 def download(repo_id: str, checkpoints: Path) -> Path:

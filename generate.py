@@ -534,7 +534,7 @@ def run(args):
             tree = parse_tree(args.medusa_choices).to(device)
         except ValueError as error:
             raise UsageError(str(error))
-        medusa_heads = load_medusa_heads(args.medusa_checkpoint_path, model.args).to(device=device, dtype=DTYPES[args.dtype])
+        medusa_heads = load_medusa_heads(args.medusa_checkpoint_path, model.args, model.output).to(device=device, dtype=DTYPES[args.dtype])
         if tree.depth > len(medusa_heads):
             raise UsageError(f"tree {args.medusa_choices} is {tree.depth} deep but {args.medusa_checkpoint_path} has "
                              f"{len(medusa_heads)} heads; pick a shallower tree")

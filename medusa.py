@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from convert_hf_checkpoint import ConversionError
+from convert_hf_checkpoint import ConversionError, write_medusa_heads
 from model import ModelArgs
 
 HEAD_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -58,10 +58,22 @@ class MedusaHeads(nn.ModuleList):
         super().__init__(nn.Sequential(*[ResBlock(dim) for _ in range(num_layers)], nn.Linear(dim, vocab_size, bias=False))
                          for _ in range(num_heads))
         self.num_layers = num_layers
+        self.shared_output = None  # (model.output,) once share_output is called
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [..., dim] -> logits [..., num_heads, vocab]."""
-        return torch.stack([head(hidden) for head in self], dim=-2)
+        if self.shared_output is None:
+            return torch.stack([head(hidden) for head in self], dim=-2)
+        blocks = torch.stack([head[:-1](hidden) for head in self], dim=-2)
+        return self.shared_output[0](blocks)  # one read of the projection for every head
+
+    def share_output(self, output: nn.Module):
+        """Use the model's own output projection (float or quantized) for every head: for heads trained with
+        their projection frozen at a copy of it, the same numbers with one weight read per step, not one per
+        head. Kept in a tuple so that the model's weights do not become the heads' parameters."""
+        for head in self:
+            head[-1] = nn.Identity()
+        self.shared_output = (output,)
 
     @classmethod
     def fresh(cls, output: nn.Linear, num_heads: int, num_layers: int = 1) -> "MedusaHeads":
@@ -78,23 +90,15 @@ class MedusaHeads(nn.ModuleList):
         return heads
 
 
-def save_medusa_heads(heads: MedusaHeads, directory: Path, base_model: str = "") -> Path:
-    """The FasterDecoding layout: medusa_lm_head.safetensors and config.json in `directory`."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / HEAD_FILES[0]
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-    config = {"medusa_num_heads": len(heads), "medusa_num_layers": heads.num_layers, "base_model_name_or_path": base_model}
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return path
+def save_medusa_heads(heads: MedusaHeads, directory: Path, base_model: str = "", shared_projection: bool = False) -> Path:
+    return write_medusa_heads(heads.state_dict(), len(heads), heads.num_layers, Path(directory), base_model,
+                              shared_projection)
 
 
-def load_medusa_heads(path: Path, args: ModelArgs) -> MedusaHeads:
-    """Heads from a FasterDecoding folder (or its head file), checked against the base model's shape."""
+def load_medusa_heads(path: Path, args: ModelArgs, output: nn.Module = None) -> MedusaHeads:
+    """Heads from a FasterDecoding folder (or its head file), checked against the base model's shape.
+    Given the model's `output` module, heads whose config says their projections are the base model's
+    share it (see MedusaHeads.share_output)."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     files = [directory / name for name in HEAD_FILES if (directory / name).is_file()] if path.is_dir() else [path]
@@ -126,6 +130,8 @@ def load_medusa_heads(path: Path, args: ModelArgs) -> MedusaHeads:
                                   f"{tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}; "
                                   "use heads trained for this base model")
     heads.load_state_dict(state_dict, assign=True)
+    if output is not None and config.get("shared_projection"):
+        heads.share_output(output)
     return heads
 
 

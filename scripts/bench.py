@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 import generate  # noqa: E402
 from convert_hf_checkpoint import ConversionError, gguf_field  # noqa: E402
+from medusa import NAMED_TREES, load_medusa_heads, parse_tree  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/SmolLM2-135M-Instruct/model.pth"
@@ -45,6 +46,9 @@ ROWS = {
     "ours-int8": ("ours (torch.compile)", "int8 per channel", "ours", "bfloat16", "int8"),
     "ours-int4": ("ours (torch.compile)", "int4 g32 (output int8)", "ours", "bfloat16", "int4"),
     "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
+    "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k=3)", "bfloat16", "ours", "bfloat16", None),
+    "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k=3)", "bfloat16", "ours", "bfloat16", None),
+    **{f"ours-medusa-{tree}": (f"ours, Medusa ({tree})", "bfloat16", "ours", "bfloat16", None) for tree in NAMED_TREES},
     "hf-eager-fp32": ("HF transformers (eager, DynamicCache)", "float32", "hf-eager", "float32", None),
     "hf-eager-bf16": ("HF transformers (eager, DynamicCache)", "bfloat16", "hf-eager", "bfloat16", None),
     "hf-static-compile-bf16": ("HF transformers (StaticCache + torch.compile)", "bfloat16", "hf-compile", "bfloat16", None),
@@ -53,7 +57,8 @@ ROWS = {
     "llamacpp-q4_0": ("llama.cpp (llama-cpp-python)", "Q4_0 GGUF", "llamacpp", "Q4_0", None),
     "llamacpp-q4_1": ("llama.cpp (llama-cpp-python)", "Q4_1 GGUF (the source file)", "llamacpp", "source", None),
 }
-DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16"]  # --eager adds it
+DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa"))]
+DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS]  # --eager, --drafting add them
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
 SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
@@ -93,26 +98,43 @@ def machine_line(threads: int) -> str:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None):
-    """generate.generate itself times prefill and decode separately; we read its decode numbers."""
-    if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
-        import quantize
+               quantization=None, drafting: str = None):
+    """generate.generate itself times prefill and decode separately; we read its decode numbers.
+    drafting: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
+    (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
+    import quantize
 
+    if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
         checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
     model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype])
+    extra, models = {}, [model]
+    if drafting and drafting.startswith("speculative"):
+        draft_path = quantize.quantize_checkpoint(checkpoint, drafting.split("-")[1], 32)
+        extra = dict(draft_model=generate.load_model(draft_path, "cpu", generate.DTYPES[dtype]), speculate_k=3)
+        models.append(extra["draft_model"])
+    elif drafting:
+        heads_dir = checkpoint.parent / "medusa"
+        if not heads_dir.is_dir():
+            raise BenchError(f"no Medusa heads in {heads_dir}; train them with scripts/train_medusa.py")
+        heads = load_medusa_heads(heads_dir, model.args, model.output).to(dtype=generate.DTYPES[dtype])
+        extra = dict(medusa_heads=heads, medusa_tree=parse_tree(drafting.split("-", 1)[1]))
+        models.append(heads)
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     if compiled:
-        generate.compile_functions(model, "cpu")  # exactly what `generate.py --compile` does
+        generate.compile_functions(models, "cpu")  # exactly what `generate.py --compile` does
     else:
         generate.decode_one_token = generate.EAGER_FUNCTIONS["decode_one_token"]
-    generate.generate(model, prompt, new_tokens, stop_ids=())  # warm-up: compiles the decode step for this model
+    generate.generate(model, prompt, new_tokens, stop_ids=(), **extra)  # warm-up: compiles for this model
     graphs_before = compiled_graphs()
-    speeds = []
+    speeds, accepted = [], []
     for _ in range(runs):
         timings = {}
-        output = generate.generate(model, prompt, new_tokens, stop_ids=(), timings=timings)
+        output = generate.generate(model, prompt, new_tokens, stop_ids=(), timings=timings, **extra)
         speeds.append(timings["decode_tokens"] / timings["decode_s"])
+        accepted += timings["accepted"]
     notes = ["recompiled while timing"] if compiled_graphs() != graphs_before else []
+    if drafting:
+        notes.append(f"{1 + sum(accepted) / len(accepted):.2f} tokens per target forward")
     return speeds, output[0, len(prompt_ids):].tolist(), notes
 
 
@@ -298,8 +320,9 @@ def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens
 def run_row(key: str, args, prompt_ids: list):
     _, _, runner, dtype, quantization = ROWS[key]
     if runner in ("ours", "ours-eager"):
+        drafting = key.removeprefix("ours-") if key in DRAFTING_ROWS else None
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours",
-                          quantization)
+                          quantization, drafting)
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":
@@ -354,6 +377,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--rows", help=f"comma list of rows, from: {', '.join(ROWS)}")
     parser.add_argument("--eager", action="store_true", help="add the ours-eager-bf16 row to the default rows")
+    parser.add_argument("--drafting", action="store_true",
+                        help="add the speculative and Medusa rows (and ours-bf16, their baseline) to the default rows")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and llama.cpp threads")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -373,7 +398,7 @@ def select_rows(args) -> list:
         if unknown:
             raise BenchError(f"unknown row {unknown[0]!r}; rows are: {', '.join(ROWS)}")
         return rows
-    return DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else [])
+    return DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (DRAFTING_ROWS if args.drafting else [])
 
 
 def run(args):

@@ -255,3 +255,55 @@ def test_medusa_cli_errors(smollm2_checkpoint, tmp_path, capsys):
     code, err = main_exit(["--checkpoint_path", smollm2_checkpoint, "--medusa_checkpoint_path", tmp_path,
                            "--medusa_choices", "tree9"], capsys)
     assert code == 2 and "neither a tree name" in err
+
+
+def test_bundled_medusa_model_is_split_by_the_converter(tmp_path):
+    """A "medusa-1.0" HF folder carries medusa_head.* beside the base weights: the converter writes the base
+    model as usual and the heads in the published layout, which load and compute as the bundled tensors do."""
+    from safetensors.torch import load_file, save_file
+
+    config = family_configs()["llama"]
+    folder = tmp_path / "medusa-1.0-tiny"
+    build_hf_model(config).save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    heads = {}
+    for head in range(3):
+        heads[f"medusa_head.{head}.0.linear.weight"] = torch.randn(64, 64)
+        heads[f"medusa_head.{head}.0.linear.bias"] = torch.randn(64)
+        heads[f"medusa_head.{head}.1.weight"] = torch.randn(256, 64)
+    save_file({**weights, **heads}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    checkpoint = convert(checkpoint_dir=folder)
+    model = load_model(checkpoint, "cpu", torch.float32)
+    loaded = load_medusa_heads(folder / "medusa", model.args)
+    assert len(loaded) == 3
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, heads["medusa_head." + name])
+
+
+@pytest.mark.slow
+def test_smollm2_trained_heads_compiled_medusa_equals_greedy(smollm2_checkpoint, tmp_path):
+    """scripts/train_medusa.py (a few seconds of data) writes heads; the CLI, compiled, float32, with those heads
+    and two trees (one eager, one compiled) gives the text of plain greedy decoding."""
+    import subprocess
+    import sys
+
+    from test_generate import ROOT
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\nWhy is the sky blue?\n")
+    heads = tmp_path / "heads"
+    trained = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_medusa.py"), "--checkpoint_path",
+                              smollm2_checkpoint, "--prompt_file", prompts, "--samples_per_prompt", "2",
+                              "--answer_length", "32", "--epochs", "2", "--output_dir", heads],
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    assert "| 0 | token t+2 |" in trained.stdout and (heads / "medusa_lm_head.safetensors").is_file()
+    common = ["--checkpoint_path", smollm2_checkpoint, "--chat", "--prompt", "What is the capital of France?",
+              "--dtype", "float32", "--max_new_tokens", 40]
+    plain = run_cli(*common)
+    assert plain.returncode == 0 and "Paris" in plain.stdout
+    for tree, compile_flag in (("chain2", []), ("tree8", ["--compile"])):
+        medusa = run_cli(*common, *compile_flag, "--medusa_checkpoint_path", heads, "--medusa_choices", tree)
+        assert medusa.returncode == 0, medusa.stderr
+        assert medusa.stdout == plain.stdout, tree
+        assert "Acceptance:" in medusa.stderr
