@@ -189,6 +189,21 @@ def evaluate_tasks(lm, tasks: list, num_fewshot=None, limit=None, include_path=N
     return make_table(results)
 
 
+# ---------------------------------------------------------------- CLI
+
+
+def text_file_perplexity(model, tokenizer: Tokenizer, name: str, text_file: Path, max_tokens, max_seq_length: int,
+                         stride: int) -> str:
+    start = time.perf_counter()
+    ids = tokenizer.encode(text_file.read_text(errors="replace"))[:max_tokens]
+    if len(ids) < 2:
+        raise ConversionError(f"{text_file} has fewer than 2 tokens; nothing to evaluate")
+    value, scored = perplexity(model, torch.tensor(ids, device=model.tok_embeddings.weight.device), max_seq_length, stride)
+    elapsed = time.perf_counter() - start
+    return (f"{name}: {scored} tokens evaluated, perplexity {value:.4f} "
+            f"({elapsed:.1f} s, {scored / elapsed:.0f} tokens/s, window {max_seq_length}, stride {stride})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, required=True)
@@ -229,18 +244,6 @@ def main(argv=None):
     except (ConversionError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-
-
-def text_file_perplexity(model, tokenizer: Tokenizer, name: str, text_file: Path, max_tokens, max_seq_length: int,
-                         stride: int) -> str:
-    start = time.perf_counter()
-    ids = tokenizer.encode(text_file.read_text(errors="replace"))[:max_tokens]
-    if len(ids) < 2:
-        raise ConversionError(f"{text_file} has fewer than 2 tokens; nothing to evaluate")
-    value, scored = perplexity(model, torch.tensor(ids, device=model.tok_embeddings.weight.device), max_seq_length, stride)
-    elapsed = time.perf_counter() - start
-    return (f"{name}: {scored} tokens evaluated, perplexity {value:.4f} "
-            f"({elapsed:.1f} s, {scored / elapsed:.0f} tokens/s, window {max_seq_length}, stride {stride})")
 
 
 if __name__ == "__main__":
