@@ -134,12 +134,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         one_token_compiled = x.device.type == "cpu" and x.shape[-2] == 1 and torch.compiler.is_compiling()
         if self.groupsize and one_token_compiled:
-            # As below, with each weight times its group's scale inside the reduction (w[n, k] * s[n, k // g]):
-            # inductor indexes the scales in the same loop, so the int8 weights are still read once.
+            # The per-channel one-token reduction below, with each weight times its group's scale inside it
+            # (w[n, k] * s[n, k // g]): inductor indexes the scales in the same loop, one read of the int8 weights.
             y = (x[..., None, :].float() * dequantize_int8(self.weight, self.scales)).sum(-1).to(x.dtype)
         elif self.groupsize:
-            # No kernel takes int8 groups; dequantize in float32 and round once, so that the product equals the
-            # float model's (run in the same dtype) on the same weights. Under compile on CUDA, inductor fuses it.
+            # No kernel takes int8 groups: dequantize in float32 and round once, so that the product equals the
+            # float model's (run in the same dtype) on the same weights. (CUDA: written, not yet run on a GPU.)
             y = F.linear(x, dequantize_int8(self.weight, self.scales).to(x.dtype))
         elif one_token_compiled:
             # One token under torch.compile: as a reduction inductor fuses into the surrounding loops
