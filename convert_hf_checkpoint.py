@@ -307,7 +307,16 @@ def gguf_int4_parts(tensor):
     return q, d, zeros
 
 
-def convert_gguf(path: Path, output: Path, dtype=None, keep_quantization: bool = False) -> tuple:
+def gguf_int8_parts(tensor):
+    """A Q8_0 tensor as our int8 g32 parts (values, scales [rows, K/32]): each block is fp16 d and 32 int8
+    values, w = d * q, which is our grouped symmetric int8 with scale = d."""
+    rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+    blocks = torch.from_numpy(tensor.data.copy()).reshape(rows, -1, 34)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)
+    return blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), d
+
+
+def convert_gguf(path: Path, output_dir: Path, dtype=None, keep_quantization: bool = False) -> tuple:
     try:
         import gguf
     except ImportError:
@@ -318,50 +327,80 @@ def convert_gguf(path: Path, output: Path, dtype=None, keep_quantization: bool =
         reader = gguf.GGUFReader(str(path))
     except Exception as error:  # the gguf package raises assorted errors on a bad file
         raise ConversionError(f"{path} is not a readable GGUF file ({error})")
-    args = gguf_model_args(reader)
-    arch = gguf_field(reader, "general.architecture")
     from gguf import GGMLQuantizationType
 
-    int4_types = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-    state_dict, int4 = {}, {}
+    kept_types = {GGMLQuantizationType.Q4_0: ("int4", gguf_int4_parts), GGMLQuantizationType.Q4_1: ("int4", gguf_int4_parts),
+                  GGMLQuantizationType.Q8_0: ("int8", gguf_int8_parts)}
+    if keep_quantization and not any(t.tensor_type in kept_types for t in reader.tensors):
+        raise ConversionError(f"{path} has no Q4_0, Q4_1 or Q8_0 weights to keep; convert it without --keep_quantization")
+    args = gguf_model_args(reader)
+    arch = gguf_field(reader, "general.architecture")
+    state_dict, kept = {}, {}
     for tensor in tqdm(reader.tensors, desc="reading GGUF", unit="tensor"):
         name = rename(tensor.name, GGUF_TOP_NAMES, r"blk\.(\d+)\.(\w+)\.(weight|bias)", GGUF_LAYER_NAMES)
-        keep = keep_quantization and tensor.tensor_type in int4_types and name.startswith("layers.")
-        parts = gguf_int4_parts(tensor) if keep else (gguf_tensor(tensor).float(),)
+        kind, read_parts = kept_types.get(tensor.tensor_type, (None, None)) if keep_quantization else (None, None)
+        if kind == "int4" and int(tensor.shape[1]) % 8:
+            kind = None  # the int4 kernels need out_features to be a multiple of 8
+        if name == "tok_embeddings.weight":
+            state_dict[name] = gguf_tensor(tensor).float()  # the lookup table stays float
+            if not (kind and args.tie_word_embeddings):
+                continue
+            name = "output.weight"  # a tied output projection keeps the table's blocks as its own copy
+        parts = read_parts(tensor) if kind else (gguf_tensor(tensor).float(),)
         heads = {"wq": args.n_head, "wk": args.n_local_heads}.get(name.split(".")[-2])
         if arch == "llama" and heads:  # q/k rows (and their scales and zeros) back to HF's order
             parts = tuple(unpermute_rope_rows(part, heads) for part in parts)
-        if keep:
-            int4[name] = parts
+        if kind:
+            kept[name] = (kind, parts)
         else:
             state_dict[name] = parts[0]
-    quantization = int4_state_dict(int4, state_dict, args) if keep_quantization else None
+    fuse_kept_qkv(kept, state_dict, args)
     state_dict = cast(fuse_qkv(state_dict, args), dtype)
-    if quantization is None:
+    if keep_quantization:  # the quantized tensors are not cast: their scales are the GGUF's fp16 values, exactly
+        quantization = kept_state_dict(kept, state_dict)
+    else:
         check_complete(state_dict, args)
-    write_gguf_tokenizer(path, reader, output.parent)
+        quantization = None
+    write_gguf_tokenizer(path, reader, output_dir)
     return args, state_dict, quantization
 
 
-def int4_state_dict(int4: dict, state_dict: dict, args: ModelArgs) -> dict:
-    """Put the GGUF's int4 layers into `state_dict` in our Int4Linear layout; returns the quantization record.
+def dequantize_kept(kind: str, parts: tuple) -> torch.Tensor:
+    from quantize import dequantize_int4, dequantize_int8
 
-    q, k and v are fused when all three are int4; a layer whose parts came in other types is dequantized."""
-    from quantize import dequantize_int4, pack_int4
+    return dequantize_int4(*parts, 32) if kind == "int4" else dequantize_int8(*parts)
 
+
+def fuse_kept_qkv(kept: dict, state_dict: dict, args: ModelArgs):
+    """Fuse each layer's kept q, k, v into one wqkv when all three are of one kind; otherwise (mixed types,
+    or some not kept) dequantize the kept ones into `state_dict`, where fuse_qkv fuses them in float."""
     for i in range(args.n_layer):
         names = [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv")]
-        if all(n in int4 for n in names):
-            int4[f"layers.{i}.attention.wqkv.weight"] = tuple(torch.cat(p) for p in zip(*(int4.pop(n) for n in names)))
+        kinds = {kept[n][0] if n in kept else None for n in names}
+        if len(kinds) == 1 and None not in kinds:
+            parts = zip(*(kept.pop(n)[1] for n in names))
+            kept[f"layers.{i}.attention.wqkv.weight"] = (kinds.pop(), tuple(torch.cat(p) for p in parts))
         for n in names:
-            if n in int4:
-                state_dict[n] = dequantize_int4(*int4.pop(n), 32)
+            if n in kept:
+                state_dict[n] = dequantize_kept(*kept.pop(n))
+
+
+def kept_state_dict(kept: dict, state_dict: dict) -> dict:
+    """Put the GGUF's kept layers into `state_dict` in our Int4Linear / Int8Linear (group 32) layouts;
+    returns the quantization record."""
+    from quantize import pack_int4
+
     layers = {}
-    for name, (q, scales, zeros) in int4.items():
+    for name, (kind, parts) in kept.items():
         prefix = name.removesuffix(".weight")
-        state_dict.update({f"{prefix}.weight": pack_int4(q), f"{prefix}.scales": scales, f"{prefix}.zeros": zeros})
-        layers[prefix] = "int4"
-    return {"mode": "int4", "groupsize": 32, "layers": layers, "skipped": {}, "source": "gguf"}
+        if kind == "int4":
+            q, scales, zeros = parts
+            state_dict.update({f"{prefix}.weight": pack_int4(q), f"{prefix}.scales": scales, f"{prefix}.zeros": zeros})
+        else:
+            state_dict[f"{prefix}.weight"], state_dict[f"{prefix}.scales"] = parts
+        layers[prefix] = kind
+    mode = "int4" if "int4" in layers.values() else "int8"
+    return {"mode": mode, "groupsize": 32, "int8_groupsize": 32, "layers": layers, "skipped": {}, "source": "gguf"}
 
 
 def write_gguf_tokenizer(path: Path, reader, directory: Path):
@@ -391,8 +430,9 @@ def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoint
         gguf = Path(gguf)
         output_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoints / gguf.stem.split(".")[0]
         output_dir.mkdir(parents=True, exist_ok=True)
-        output = output_dir / ("model_int4.g32.pth" if keep_quantization else "model.pth")
-        args, state_dict, quantization = convert_gguf(gguf, output, dtype, keep_quantization)
+        args, state_dict, quantization = convert_gguf(gguf, output_dir, dtype, keep_quantization)
+        # Named by what was kept: model_int4.g32.pth (Q4_0/Q4_1 layers, any Q8_0 ones as int8 g32), model_int8.g32.pth
+        output = output_dir / (f"model_{quantization['mode']}.g32.pth" if quantization else "model.pth")
     else:
         directory = Path(checkpoint_dir)
         if not directory.is_dir():
@@ -401,7 +441,8 @@ def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoint
         args, state_dict = convert_hf_folder(directory, output, dtype)
     save_checkpoint(output, args, state_dict, quantization)
     size = sum(t.numel() * t.element_size() for t in state_dict.values())
-    what = f"{len(quantization['layers'])} int4 layers kept from the GGUF" if quantization else \
+    kinds = sorted(set(quantization["layers"].values())) if quantization else []
+    what = f"{len(quantization['layers'])} {'/'.join(kinds)} layers kept from the GGUF" if quantization else \
         f"{sum(t.numel() for t in state_dict.values()) / 1e6:.1f} M parameters"
     print(f"Converted {len(state_dict)} tensors ({what}), {size / 1e9:.2f} GB "
           f"in {time.perf_counter() - start:.1f} s -> {output}")
@@ -416,7 +457,8 @@ def main(argv=None):
     parser.add_argument("--gguf", type=Path, help="GGUF file to convert (config and tokenizer are taken from it)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="stored dtype (auto: as in the source; GGUF: float32)")
     parser.add_argument("--keep_quantization", action="store_true",
-                        help="GGUF only: keep Q4_0/Q4_1 layers as our int4 g32 (model_int4.g32.pth), no float round trip")
+                        help="GGUF only: keep Q4_0/Q4_1 layers as our int4 g32 and Q8_0 layers as int8 g32 "
+                             "(model_int4.g32.pth or model_int8.g32.pth), no float round trip")
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where --repo_id and --gguf outputs go")
     if "--gguf" in (argv if argv is not None else sys.argv[1:]):
         # --gguf stands alone as a source; --checkpoint_dir then only names the output folder.

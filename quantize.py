@@ -1,6 +1,7 @@
-"""Weight-only quantization as module swaps: int8 (per output channel) and int4 (grouped, asymmetric).
+"""Weight-only quantization as module swaps: int8 (per output channel or grouped) and int4 (grouped, asymmetric).
 
     python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int8               # -> model_int8.pth
+    python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int8 --groupsize 32  # -> model_int8.g32.pth
     python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int4 --groupsize 32  # -> model_int4.g32.pth
     python quantize.py --checkpoint_path checkpoints/NAME/model.pth --mode int4-gptq --groupsize 32 \
         [--calibration_file FILE]                                                          # -> model_int4-gptq.g32.pth
@@ -39,12 +40,21 @@ def kernel_input(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------- the math
 
 
-def quantize_int8(weight: Tensor):
-    """Symmetric per-output-channel: weight ≈ q * scale, q in [-127, 127]."""
-    weight = weight.float()
-    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-    q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scales
+def quantize_int8(weight: Tensor, groupsize=None):
+    """Symmetric: weight ≈ q * scale, q in [-127, 127], one scale per output channel (scales [N]) or, with
+    `groupsize`, per group of that many inputs (scales [N, K/groupsize]: a GGUF Q8_0 block is one such group)."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, -1, groupsize or in_features)
+    scales = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+    q = torch.round(groups / scales).clamp(-127, 127).to(torch.int8)
+    scales = scales.squeeze(-1)
+    return q.reshape(out_features, in_features), scales if groupsize else scales.squeeze(-1)
+
+
+def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
+    """float32 weights from int8 values and per-channel [N] or per-group [N, K/groupsize] scales."""
+    scales = scales.float().reshape(q.shape[0], -1, 1)  # [N, groups, 1]; per channel: one group
+    return (q.float().reshape(q.shape[0], scales.shape[1], -1) * scales).reshape(q.shape)
 
 
 def quantize_int4(weight: Tensor, groupsize: int):
@@ -90,26 +100,48 @@ def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) ->
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+    """int8 weights with one scale per output channel, or, with `groupsize`, one per group of inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, groupsize=None, device=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        scales_shape = (out_features, in_features // groupsize) if groupsize else (out_features,)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.empty(scales_shape, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        module.weight, module.scales = quantize_int8(linear.weight.detach())
+    def from_linear(cls, linear: nn.Linear, groupsize=None) -> "Int8Linear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, groupsize)
+        module.weight, module.scales = quantize_int8(linear.weight.detach(), groupsize)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().float())
         return module
 
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype) would round group scales (a GGUF's fp16 d) to bfloat16; keep them float32, so
+        that the weights dequantized in forward are exactly those of the float model in the same dtype."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.groupsize:
+            self.scales = scales.to(self.scales.device)
+        return self
+
     def prepare_for_device(self, dtype):
-        self.scales = self.scales.to(dtype)
+        if not self.groupsize:  # the per-channel kernel takes its scales in the activations' dtype
+            self.scales = self.scales.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.shape[-2] == 1 and torch.compiler.is_compiling():
+        one_token_compiled = x.device.type == "cpu" and x.shape[-2] == 1 and torch.compiler.is_compiling()
+        if self.groupsize and one_token_compiled:
+            # The per-channel one-token reduction below, with each weight times its group's scale inside it
+            # (w[n, k] * s[n, k // g]): inductor indexes the scales in the same loop, one read of the int8 weights.
+            y = (x[..., None, :].float() * dequantize_int8(self.weight, self.scales)).sum(-1).to(x.dtype)
+        elif self.groupsize:
+            # No kernel takes int8 groups: dequantize in float32 and round once, so that the product equals the
+            # float model's (run in the same dtype) on the same weights. (CUDA: written, not yet run on a GPU.)
+            y = F.linear(x, dequantize_int8(self.weight, self.scales).to(x.dtype))
+        elif one_token_compiled:
             # One token under torch.compile: as a reduction inductor fuses into the surrounding loops
             # (80 vs 70 tok/s with the kernel call on SmolLM2, 2-core AVX2; see generate.DecodeLinear).
             y = ((x[..., None, :].float() * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)
@@ -256,20 +288,24 @@ def linear_names(model: Transformer) -> list:
     return [name for name, module in model.named_modules() if type(module) is nn.Linear]
 
 
-def plan(model: Transformer, mode: str, groupsize: int) -> dict:
-    """What each linear becomes: {name: "int8" | "int4" | "float"} with the reason for any that stays float."""
+def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None) -> dict:
+    """What each linear becomes: {name: "int8" | "int4" | "float"} with the reason for any that stays float.
+
+    int8 layers have one scale per output channel, or per `int8_groupsize` inputs when that is given (the
+    record's "int8_groupsize"; files without that key are per channel)."""
     layers, skipped = {}, {}
     for name in linear_names(model):
         module = model.get_submodule(name)
-        if name == "output" or mode == "int8":
-            layers[name] = "int8"
-        elif module.in_features % groupsize:
-            layers[name], skipped[name] = "float", f"in_features {module.in_features} is not a multiple of group size {groupsize}"
-        elif module.out_features % 8:
+        kind = "int8" if name == "output" or mode == "int8" else "int4"
+        group = int8_groupsize if kind == "int8" else groupsize
+        if group and module.in_features % group:
+            layers[name], skipped[name] = "float", f"in_features {module.in_features} is not a multiple of group size {group}"
+        elif kind == "int4" and module.out_features % 8:
             layers[name], skipped[name] = "float", f"out_features {module.out_features} is not a multiple of 8 (int4 kernels)"
         else:
-            layers[name] = "int4"
-    return {"mode": mode, "groupsize": groupsize if mode != "int8" else None, "layers": layers, "skipped": skipped}
+            layers[name] = kind
+    return {"mode": mode, "groupsize": groupsize if mode != "int8" else int8_groupsize,
+            "int8_groupsize": int8_groupsize, "layers": layers, "skipped": skipped}
 
 
 def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool = False, hessians=None,
@@ -278,6 +314,7 @@ def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool 
     checkpoint) or, with quantize_weights, with modules quantized from the float weights they replace
     (int4 layers by GPTQ where `hessians` has theirs, else by rounding to nearest)."""
     names = [name for name, kind in quantization["layers"].items() if kind != "float"]
+    int8_groupsize = quantization.get("int8_groupsize")
     for name in tqdm(names, desc=f"quantizing to {quantization['mode']}", unit="layer", disable=not quantize_weights):
         kind = quantization["layers"][name]
         parent_name, _, child = name.rpartition(".")
@@ -289,9 +326,10 @@ def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool 
                                                      blocksize, damping)
             new.weight = pack_int4(q)
         elif quantize_weights:
-            new = Int8Linear.from_linear(old) if kind == "int8" else Int4Linear.from_linear(old, quantization["groupsize"])
+            new = Int8Linear.from_linear(old, int8_groupsize) if kind == "int8" else \
+                Int4Linear.from_linear(old, quantization["groupsize"])
         elif kind == "int8":
-            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, device="meta")
+            new = Int8Linear(old.in_features, old.out_features, old.bias is not None, int8_groupsize, device="meta")
         else:
             new = Int4Linear(old.in_features, old.out_features, quantization["groupsize"], old.bias is not None, device="meta")
         setattr(parent, child, new)
@@ -305,7 +343,9 @@ def prepare_for_device(model: nn.Module, dtype):
 
 
 def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=None, calibration_samples: int = 16,
-                        calibration_length: int = 256, blocksize: int = 128, damping: float = 0.01) -> Path:
+                        calibration_length: int = 256, blocksize: int = 128, damping: float = 0.01,
+                        int8_groupsize=None) -> Path:
+    """`groupsize` is the int4 modes' (ignored by int8); `int8_groupsize` makes mode int8 grouped, not per channel."""
     start = time.perf_counter()
     if not path.is_file():
         raise ConversionError(f"checkpoint {path} not found")
@@ -317,8 +357,10 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
         model = Transformer(args)
     model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not args.tie_word_embeddings)
     model.tie_weights()
-    quantization = plan(model, mode, groupsize)
-    if mode != "int8" and all(kind != "int4" for name, kind in quantization["layers"].items() if name != "output"):
+    if mode == "int8":
+        groupsize = int8_groupsize  # names the file and the summary below
+    quantization = plan(model, mode, groupsize, int8_groupsize if mode == "int8" else None)
+    if all(kind == "float" for name, kind in quantization["layers"].items() if name != "output"):
         raise ConversionError(f"no layer of this model can take group size {groupsize}: "
                               f"{next(iter(quantization['skipped'].values()))}; choose another --groupsize")
     hessians = None
@@ -336,12 +378,15 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     count = swap_linears(model, quantization, quantize_weights=True, hessians=hessians, blocksize=blocksize,
                          damping=damping)
     state_dict = model.state_dict()
-    suffix = "int8" if mode == "int8" else f"{mode}.g{groupsize}"
+    suffix = f"{mode}.g{groupsize}" if groupsize else mode
     output = path.with_name(f"{path.stem}_{suffix}.pth")
     save_checkpoint(output, args, state_dict, quantization)
     before, after = path.stat().st_size, output.stat().st_size
-    print(f"Quantized {count} linears to {mode}"
-          f"{f' (group size {groupsize}; output projection int8)' if mode != 'int8' else ''} "
+    if mode != "int8":
+        detail = f" (group size {groupsize}; output projection int8)"
+    else:
+        detail = f" (group size {groupsize})" if groupsize else " (per output channel)"
+    print(f"Quantized {count} linears to {mode}{detail} "
           f"in {time.perf_counter() - start:.1f} s: {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB -> {output}")
     for name, reason in quantization["skipped"].items():
         print(f"  left in float: {name} ({reason})")
@@ -352,7 +397,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, required=True)
     parser.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], required=True)
-    parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES, default=32, help="int4 only")
+    parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES,
+                        help="int4: inputs per group (default 32); int8: one scale per group of this many inputs "
+                             "instead of one per output channel (the default)")
     parser.add_argument("--calibration_file", type=Path, help="int4-gptq: text to calibrate on (default: text the model writes)")
     parser.add_argument("--calibration_samples", type=int, default=16, help="int4-gptq: number of sequences")
     parser.add_argument("--calibration_length", type=int, default=256, help="int4-gptq: tokens per sequence")
@@ -362,8 +409,9 @@ def main(argv=None):
     if args.calibration_samples < 1 or args.calibration_length < 2 or args.blocksize < 1 or not 0 <= args.damping < 1:
         parser.error("need --calibration_samples >= 1, --calibration_length >= 2, --blocksize >= 1, 0 <= --damping < 1")
     try:
-        quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize, args.calibration_file,
-                            args.calibration_samples, args.calibration_length, args.blocksize, args.damping)
+        quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.calibration_file,
+                            args.calibration_samples, args.calibration_length, args.blocksize, args.damping,
+                            int8_groupsize=args.groupsize)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -158,3 +158,20 @@ def test_keep_quantization_needs_gguf(tiny_models, capsys):
     _, folder, _ = tiny_models["llama"]
     code, err = run_main(["--checkpoint_dir", folder, "--keep_quantization"], capsys)
     assert code == 2 and "--keep_quantization applies to --gguf sources only" in err
+
+
+def test_keep_quantization_of_a_gguf_with_nothing_to_keep(tmp_path, capsys):
+    """A GGUF with no Q4_0/Q4_1/Q8_0 weight (here one F32 tensor) has nothing to keep: say so, write nothing."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "float.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, err = run_main(["--gguf", path, "--checkpoint_dir", tmp_path / "out", "--keep_quantization"], capsys)
+    assert code == 2 and "has no Q4_0, Q4_1 or Q8_0 weights to keep; convert it without --keep_quantization" in err
+    assert not list((tmp_path / "out").glob("model*"))

@@ -1,11 +1,14 @@
-"""Quantization: kernels against the dequantized float weights, file round trips, GGUF int4 import, errors."""
+"""Quantization: kernels against the dequantized float weights, file round trips, GGUF Q4/Q8_0 import, errors."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import quantize
 from convert_hf_checkpoint import convert, load_checkpoint
 from generate import generate, load_model
-from quantize import Int4Linear, Int8Linear, dequantize_int4, main, quantize_checkpoint, unpack_int4
+from quantize import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, main, quantize_checkpoint, unpack_int4
 
 
 def close_to(y, reference, tolerance=1e-2):
@@ -13,18 +16,22 @@ def close_to(y, reference, tolerance=1e-2):
     return (y.float() - reference).abs().max() <= tolerance * reference.abs().max()
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_dequantized_reference(bias):
+@pytest.mark.parametrize("bias,groupsize", [(False, None), (True, None), (True, 32)])
+def test_int8_linear_matches_dequantized_reference(bias, groupsize):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=bias)
-    module = Int8Linear.from_linear(linear)
+    module = Int8Linear.from_linear(linear, groupsize).to(torch.bfloat16)
     module.prepare_for_device(torch.bfloat16)
-    dequantized = module.weight.float() * module.scales.float()[:, None]
-    assert (dequantized - linear.weight).abs().max() <= linear.weight.abs().max() / 127  # half a step, with margin
+    dequantized = dequantize_int8(module.weight, module.scales)
+    step = linear.weight.abs().reshape(96, -1, groupsize or 256).amax(-1, keepdim=True) / 127  # per channel or group
+    assert ((dequantized - linear.weight).reshape(step.shape[0], step.shape[1], -1).abs() <= step).all()  # half, + margin
     x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
     reference = torch.nn.functional.linear(x.float(), dequantized, linear.bias)
     assert close_to(module(x), reference)
     assert close_to(torch.compile(module)(x[:, :1]), reference[:, :1])  # the fused one-token path
+    if groupsize:  # group scales survive .to(bfloat16): the weights are the float32 ones, rounded once
+        assert module.scales.dtype == torch.float32 and module.scales.shape == (96, 256 // groupsize)
+        assert torch.equal(module(x), torch.nn.functional.linear(x, dequantized.to(torch.bfloat16)) + module.bias)
 
 
 @pytest.mark.parametrize("groupsize", quantize.GROUP_SIZES)
@@ -45,13 +52,15 @@ def test_int4_pack_round_trip():
     assert torch.equal(unpack_int4(quantize.pack_int4(q)), q)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantize_save_load_generate(mode, tiny_models):
+@pytest.mark.parametrize("mode,int8_groupsize,name", [("int8", None, "model_int8.pth"), ("int8", 32, "model_int8.g32.pth"),
+                                                     ("int4", None, "model_int4.g32.pth")])
+def test_quantize_save_load_generate(mode, int8_groupsize, name, tiny_models):
     """quantize -> file -> load (mode read from the file) -> logits near the float model's and text comes out."""
     _, _, checkpoint = tiny_models["qwen2"]
-    output = quantize_checkpoint(checkpoint, mode, 32)
-    assert output.name == ("model_int8.pth" if mode == "int8" else "model_int4.g32.pth")
-    assert load_checkpoint(output)["quantization"]["mode"] == mode
+    output = quantize_checkpoint(checkpoint, mode, 32, int8_groupsize=int8_groupsize)
+    assert output.name == name
+    record = load_checkpoint(output)["quantization"]
+    assert record["mode"] == mode and record["int8_groupsize"] == int8_groupsize
     float_model, quantized = load_model(checkpoint, "cpu", torch.float32), load_model(output, "cpu", torch.float32)
     assert any(isinstance(m, Int8Linear if mode == "int8" else Int4Linear) for m in quantized.modules())
     tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -67,6 +76,19 @@ def run_main(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in argv])
     return exit_info.value.code, capsys.readouterr().err
+
+
+def test_grouped_int8_from_the_command_line(tiny_models, capsys):
+    """--mode int8 --groupsize 64: layers whose inputs (MLP down, 96) are not a multiple stay float, and say so."""
+    _, _, checkpoint = tiny_models["qwen3"]
+    main(["--checkpoint_path", str(checkpoint), "--mode", "int8", "--groupsize", "64"])
+    assert "group size 64" in capsys.readouterr().out
+    output = checkpoint.parent / "model_int8.g64.pth"
+    record = load_checkpoint(output)["quantization"]
+    assert record["int8_groupsize"] == 64 and record["layers"]["layers.0.feed_forward.w2"] == "float"
+    model = load_model(output, "cpu", torch.float32)
+    assert model.layers[0].feed_forward.w1.scales.shape == (96, 1)
+    assert generate(model, torch.arange(4), 4).shape == (1, 8)
 
 
 def test_group_size_the_model_cannot_take(tiny_models, capsys):
@@ -108,17 +130,48 @@ def test_gguf_q4_1_imported_without_float_round_trip(smollm2_gguf, smollm2_check
     kept = convert(gguf=smollm2_gguf, checkpoint_dir=tmp_path, keep_quantization=True)
     checkpoint, reference = load_checkpoint(kept), load_checkpoint(smollm2_checkpoint)["state_dict"]
     layers = checkpoint["quantization"]["layers"]
-    assert len(layers) == 30 * 5  # per layer: wqkv (fused from Q4_1 q, k, v), wo, w1, w3, w2
+    # per layer: wqkv (fused from Q4_1 q, k, v), wo, w1, w3, w2; and the output from the tied Q8_0 embedding
+    assert len(layers) == 30 * 5 + 1 and layers.pop("output") == "int8"
+    sd = checkpoint["state_dict"]
     for prefix in layers:
-        sd = checkpoint["state_dict"]
         weight = dequantize_int4(unpack_int4(sd[f"{prefix}.weight"]), sd[f"{prefix}.scales"], sd[f"{prefix}.zeros"], 32)
         assert torch.equal(weight, reference[f"{prefix}.weight"]), prefix
+    assert torch.equal(dequantize_int8(sd["output.weight"], sd["output.scales"]), reference["tok_embeddings.weight"])
     model, float_model = load_model(kept, "cpu", torch.bfloat16), load_model(smollm2_checkpoint, "cpu", torch.bfloat16)
     tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     for m in (model, float_model):
         m.setup_caches(1, 16)
     with torch.no_grad():
         assert close_to(model(tokens, torch.arange(16)), float_model(tokens, torch.arange(16)).float(), 0.03)
+
+
+@pytest.mark.slow
+def test_gguf_q8_0_imported_without_float_round_trip(smollm2_gguf, tmp_path):
+    """Q8_0 blocks become our int8 g32 exactly: the model computes the float conversion's logits, bit for bit."""
+    import gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench import write_gguf
+
+    q8_0 = write_gguf(smollm2_gguf, tmp_path / "SmolLM2.Q8_0.gguf", gguf.GGMLQuantizationType.Q8_0)
+    kept = convert(gguf=q8_0, checkpoint_dir=tmp_path / "kept", keep_quantization=True)
+    float_checkpoint = convert(gguf=q8_0, checkpoint_dir=tmp_path / "float")
+    assert kept.name == "model_int8.g32.pth"
+    checkpoint, reference = load_checkpoint(kept), load_checkpoint(float_checkpoint)["state_dict"]
+    record = checkpoint["quantization"]
+    assert record["mode"] == "int8" and record["int8_groupsize"] == 32
+    assert set(record["layers"].values()) == {"int8"} and len(record["layers"]) == 30 * 5 + 1  # + the tied output
+    sd = checkpoint["state_dict"]
+    assert sd["output.scales"].shape == (49152, 576 // 32)
+    for prefix in record["layers"]:
+        source = reference["tok_embeddings.weight" if prefix == "output" else f"{prefix}.weight"]
+        assert torch.equal(dequantize_int8(sd[f"{prefix}.weight"], sd[f"{prefix}.scales"]), source), prefix
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    models = [load_model(path, "cpu", torch.bfloat16) for path in (kept, float_checkpoint)]
+    for m in models:
+        m.setup_caches(1, 16)
+    with torch.no_grad():
+        assert torch.equal(*(m(tokens, torch.arange(16)) for m in models))
 
 
 @pytest.mark.slow
