@@ -135,7 +135,8 @@ def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, mask: Optional
 
 
 def propose(heads: MedusaHeads, hidden: Tensor) -> Tensor:
-    return heads(hidden)
+    """The heads' logits [num_heads, vocab] for one hidden state (as a row: DecodeLinear expects [.., rows, dim])."""
+    return heads(hidden.view(1, -1))[0]
 
 
 def typical_threshold(probs: Tensor, posterior_threshold: float, posterior_alpha: float) -> Tensor:

@@ -62,10 +62,10 @@ class MedusaHeads(nn.ModuleList):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden [..., dim] -> logits [..., num_heads, vocab]."""
+        logits_or_blocks = torch.stack([head(hidden) for head in self], dim=-2)
         if self.shared_output is None:
-            return torch.stack([head(hidden) for head in self], dim=-2)
-        blocks = torch.stack([head[:-1](hidden) for head in self], dim=-2)
-        return self.shared_output[0](blocks)  # one read of the projection for every head
+            return logits_or_blocks
+        return self.shared_output[0](logits_or_blocks)  # one read of the projection for every head
 
     def share_output(self, output: nn.Module):
         """Use the model's own output projection (float or quantized) for every head: for heads trained with
