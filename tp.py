@@ -41,6 +41,7 @@ rank pair and an exact copy (x + 0 = x). Eager code (prefill) uses real send/rec
 Communication is counted in small int64 buffers on the modules that communicate, incremented in place (so the
 count also runs inside a compiled graph): [one-token calls, longer calls] x [messages, bytes].
 """
+import contextlib
 import ctypes
 import functools
 import mmap
@@ -118,22 +119,36 @@ def init(device: str, pipeline_stages: Optional[list] = None) -> Optional[Layout
                                    f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if rank != 0:
-        silence(rank)
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
-                                device_id=device if device.type == "cuda" else None)
-        dist.barrier()  # every rank is up, or the start-up timeout ends it
+        with native_stderr_silenced():  # c10d logs each failed connection attempt, with a C++ stack trace
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+                                    device_id=device if device.type == "cuda" else None)
+            dist.barrier()  # every rank is up, or the start-up timeout ends it
     except Exception as error:  # the store raises DistStoreError, gloo RuntimeError, env:// ValueError
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         raise DistributedError(
             f"no rendezvous with all {world_size} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
             f"within {STARTUP_TIMEOUT_S:g} s ({reason}); start every rank through torchrun "
             f"(or raise GPT_FAST_STARTUP_TIMEOUT)") from None
+    if rank != 0:  # from here on every rank says the same: rank 0 says it
+        silence(rank)
     group = dist.new_group(timeout=WORK_TIMEOUT)
     pairs = {r: dist.new_group([r, r + 1], timeout=WORK_TIMEOUT) for r in range(world_size - 1)} if pipeline_stages else {}
     return Layout(rank, world_size, device, group, pipeline_stages, pairs)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def silence(rank: int):
@@ -269,9 +284,9 @@ def release(tensor: Optional[Tensor]):
 def keep_rows(module: nn.Module, name: str, ranges: list):
     """Keep the output rows in `ranges` ([(start, end)]) of a linear, with their bias, scales and zeros."""
     rows = sum(end - start for start, end in ranges)
-    if isinstance(module, quantize.Int4Linear) and rows % 8:
+    if isinstance(module, quantize.Int4Linear) and rows % 16:  # the CPU packing needs 16, CUDA's 8
         raise DistributedError(f"{name}: this rank would keep {rows} output rows, and int4 kernels need a multiple "
-                               f"of 8; use the int8 or float checkpoint, or another number of processes")
+                               f"of 16; use the int8 or float checkpoint, or another number of processes")
     for attr in ROW_TENSORS:
         tensor = getattr(module, attr, None)
         if tensor is not None:  # torch.cat copies: only the kept rows' pages of the memory-mapped file are read
@@ -303,11 +318,11 @@ def all_reduce_output(module: nn.Module, inputs, output: Tensor, group) -> Tenso
 
 
 def mlp_unit(feed_forward: nn.Module) -> int:
-    """MLP rows go to ranks in whole units: int4 w2 columns by groups, int4 w1/w3 rows by 8 (kernel tiles)."""
+    """MLP rows go to ranks in whole units: int4 w2 columns by groups, int4 w1/w3 rows by 16 (kernel tiles)."""
     if isinstance(feed_forward.w2, quantize.Int4Linear):
         return feed_forward.w2.groupsize
     if any(isinstance(m, quantize.Int4Linear) for m in (feed_forward.w1, feed_forward.w3)):
-        return 8
+        return 16
     return 1
 
 
