@@ -106,7 +106,8 @@ def init(device: str, pipeline_stages: Optional[list] = None) -> Optional[Layout
         return None
     missing = [name for name in RENDEZVOUS_VARIABLES if name not in os.environ]
     if missing:
-        raise DistributedError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} is not: "
+        raise DistributedError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} not: "
                                f"launch with torchrun --standalone --nproc_per_node={world_size} generate.py ...")
     if pipeline_stages and len(pipeline_stages) != world_size:
         raise DistributedError(f"--pipeline_stages {format_stages(pipeline_stages)} has {len(pipeline_stages)} stages "

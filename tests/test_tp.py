@@ -232,7 +232,7 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("variables, message", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT is not"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not"),
     ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}, "no rendezvous with all 2 processes"),
 ], ids=["no-rank", "nobody-listening"])
 def test_missing_rendezvous(tiny_models, variables, message):
