@@ -459,21 +459,29 @@ def share_output_logits(module: nn.Module, inputs, logits: Tensor, pipe: Pipe) -
 
 class PipelineTransformer(Transformer):
     """A Transformer holding one pipeline stage. A long eager prefill runs as one sub-sequence per stage, so
-    that the stages overlap; every eager forward ends by waiting for its pending sends and receives."""
+    that the stages overlap; every eager forward ends by waiting for its pending sends and receives.
+    Other forward arguments pass through untouched (a call with a mask or more arguments is not split).
+    A hidden state returned by the forward is the final normed one on the last stage only."""
 
     prefill_chunks = 0  # 0: one sub-sequence per stage
 
-    def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return super().forward(idx, input_pos, mask)
+            return super().forward(idx, input_pos, mask, *args, **kwargs)
         chunks = min(self.prefill_chunks or len(self.pipe_stages), idx.shape[1])
-        if mask is not None or chunks < 2:
-            logits = [super().forward(idx, input_pos, mask)]
+        # Flags pass to every sub-sequence; a mask or other per-token tensors would need splitting too: not split.
+        per_token = mask is not None or args or any(isinstance(v, Tensor) for v in kwargs.values())
+        if per_token or chunks < 2:
+            outputs = [Transformer.forward(self, idx, input_pos, mask, *args, **kwargs)]
         else:
             bounds = [split(idx.shape[1], chunks, i) for i in range(chunks)]
-            logits = [Transformer.forward(self, idx[:, a:b], input_pos[a:b]) for a, b in bounds]
+            outputs = [Transformer.forward(self, idx[:, a:b], input_pos[a:b], **kwargs) for a, b in bounds]
         self.pipe.wait()
-        return torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
+        if len(outputs) == 1:
+            return outputs[0]
+        if isinstance(outputs[0], tuple):  # e.g. (logits, hidden): each part along the sequence
+            return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
+        return torch.cat(outputs, dim=1)
 
 
 def shard_pipeline(model: Transformer, layout: Layout) -> Transformer:
