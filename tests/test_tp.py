@@ -246,3 +246,13 @@ def test_missing_rendezvous(tiny_models, variables, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
+
+
+def test_bench_nproc_runs_only_our_rows(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--nproc", "2", "--rows", "ours-bf16,llamacpp-f16"])
+    assert exit_info.value.code == 2
+    assert "row 'llamacpp-f16' cannot run under --nproc" in capsys.readouterr().err
