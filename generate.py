@@ -2,6 +2,7 @@
 
     python generate.py --compile --chat --prompt "What is the capital of France?"
     python generate.py --compile --chat --interactive --checkpoint_path checkpoints/ORG/NAME/model.pth
+    torchrun --standalone --nproc_per_node=2 generate.py --compile [--pipeline_stages 15,15]   # see tp.py
 """
 import argparse
 import contextlib
@@ -14,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+import tp
 from convert_hf_checkpoint import ConversionError, load_checkpoint
 from medusa import MedusaHeads, MedusaTree, load_medusa_heads, parse_tree, tree_attention_mask
 from model import Attention, ModelArgs, Transformer
@@ -357,8 +359,9 @@ def compile_functions(models, device, compile_prefill: bool = False):
 # ---------------------------------------------------------------- loading
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
-    """Build on the meta device, then assign the memory-mapped weights: no second copy of the model in memory."""
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optional[Callable] = None) -> Transformer:
+    """Build on the meta device, then assign the memory-mapped weights: no second copy of the model in memory.
+    `shard` (tp.Layout.shard) cuts this rank's part before anything is converted, so only that part is read."""
     checkpoint = load_checkpoint(Path(checkpoint_path))
     args = ModelArgs.from_dict(checkpoint["model_args"])
     quantization = checkpoint.get("quantization")
@@ -371,6 +374,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     tied = args.tie_word_embeddings and type(model.output) is torch.nn.Linear
     model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not tied)
     model.tie_weights()
+    if shard is not None:
+        model = shard(model)
     model = model.to(device=device, dtype=dtype).eval()
     if quantization:
         quantize.prepare_for_device(model, dtype)
@@ -388,8 +393,8 @@ def weight_bytes(model: Transformer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def memory_report(model: Transformer, device) -> str:
-    """Parameter count, resident weights, KV cache and peak memory, as one markdown table row."""
+def memory_figures(model: Transformer, device) -> dict:
+    """Parameter count (of the whole model), resident weights, KV cache and peak memory of this process."""
     with torch.device("meta"):
         parameters = sum(p.numel() for p in Transformer(model.args).parameters())  # logical count, any precision
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -398,9 +403,16 @@ def memory_report(model: Transformer, device) -> str:
     cache_bytes = sum(tensors[i].numel() * tensors[i].element_size() for i in caches)
     rope_and_masks = {id(t) for name, t in model.named_buffers() if name.startswith(("rope_", "causal_mask", "window_mask"))}
     model_bytes = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in caches | rope_and_masks)
+    return dict(parameters=parameters, model_bytes=model_bytes, cache_bytes=cache_bytes,
+                peak_bytes=peak_memory_gb(device) * 1e9)
+
+
+def memory_report(model: Transformer, device) -> str:
+    """memory_figures as one markdown table row."""
+    f = memory_figures(model, device)
     return ("| parameters | model memory | KV cache memory | peak memory |\n|---:|---:|---:|---:|\n"
-            f"| {parameters / 1e6:.1f} M | {model_bytes / 1e6:.2f} MB | {cache_bytes / 1e6:.1f} MB "
-            f"| {peak_memory_gb(device) * 1e3:.0f} MB |")
+            f"| {f['parameters'] / 1e6:.1f} M | {f['model_bytes'] / 1e6:.2f} MB | {f['cache_bytes'] / 1e6:.1f} MB "
+            f"| {f['peak_bytes'] / 1e6:.0f} MB |")
 
 
 def peak_memory_gb(device) -> float:
@@ -445,7 +457,14 @@ def parse_args(argv=None):
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     parser.add_argument("--report_memory", action="store_true", help="print parameters, model, KV cache and peak memory")
     parser.add_argument("--profile", type=Path, default=None, help="write a chrome trace of the last sample here")
+    parser.add_argument("--pipeline_stages", default=None,
+                        help="under torchrun: layers per stage, e.g. 10,10,12 (default: tensor parallel)")
     args = parser.parse_args(argv)
+    if args.pipeline_stages is not None:
+        try:
+            args.pipeline_stages = tp.parse_stages(args.pipeline_stages)
+        except ValueError as error:
+            parser.error(str(error))
     checks = [
         (args.num_samples < 1, "--num_samples must be at least 1"),
         (args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
@@ -517,12 +536,17 @@ def run(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA device is available; use --device cpu")
     torch.manual_seed(args.seed)
+    layout = tp.init(device, args.pipeline_stages)  # None unless torchrun started several processes
+    if layout is not None:
+        device = layout.device
+        if args.interactive:
+            raise UsageError("--interactive is not supported under torchrun (stdin is not shared); pass --prompt")
     load_start = time.perf_counter()
-    model = load_model(args.checkpoint_path, device, DTYPES[args.dtype])
+    model = load_model(args.checkpoint_path, device, DTYPES[args.dtype], shard=layout and layout.shard)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     draft_model = None
-    if args.draft_checkpoint_path is not None:
-        draft_model = load_model(args.draft_checkpoint_path, device, DTYPES[args.dtype])
+    if args.draft_checkpoint_path is not None:  # sharded the same way as the target under torchrun
+        draft_model = load_model(args.draft_checkpoint_path, device, DTYPES[args.dtype], shard=layout and layout.shard)
         check_same_tokenizer(model, tokenizer, draft_model, args.draft_checkpoint_path)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - load_start:.2f} s", file=sys.stderr)
     stop_ids = () if args.ignore_eos else tokenizer.eos_ids
@@ -581,6 +605,7 @@ def run(args):
             profile = args.profile and sample_index == args.num_samples - 1
             profiler = torch.profiler.profile() if profile else contextlib.nullcontext()
             timings = {}
+            tp.reset_communication(model)
             with profiler:
                 output = generate(model, prompt, args.max_new_tokens, batch_size=args.batch_size,
                                   max_seq_length=max_seq_length, stop_ids=stop_ids, callback=callback,
@@ -602,7 +627,12 @@ def run(args):
             if draft_model is not None or medusa_heads is not None:
                 depth = args.speculate_k if draft_model is not None else sampling["medusa_tree"].depth
                 print(acceptance_summary(timings["accepted"], depth), file=sys.stderr)
-    if args.report_memory:
+            if layout is not None:
+                print(tp.communication_line(model, layout, timings["decode_tokens"]), file=sys.stderr)
+    if args.report_memory and layout is not None:
+        table = tp.memory_report(model, layout, memory_figures(model, device))  # every rank gathers; rank 0 prints
+        print(table or "", file=sys.stderr)
+    elif args.report_memory:
         print(memory_report(model, device), file=sys.stderr)
 
 
@@ -610,9 +640,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (UsageError, ConversionError, FileNotFoundError) as error:
+    except (UsageError, ConversionError, FileNotFoundError, tp.DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        tp.finish()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/bench.py                                   # every row, 3 runs of 128 new tokens each
     python scripts/bench.py --runs 1 --new_tokens 8 --rows ours-bf16,llamacpp-f16,hf-eager-bf16   # smoke run
+    python scripts/bench.py --nproc 2 [--pipeline_stages 15,15] --rows ours-fp32,ours-int8     # through torchrun
 
 Every row decodes greedily from the same prompt token ids, ignores EOS, and reports decode tokens/s:
 prefill is excluded, and the first new token (which prefill produces) is not counted, so each row
@@ -17,7 +18,9 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,6 +139,29 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
     if drafting:
         notes.append(f"{1 + sum(accepted) / len(accepted):.2f} tokens per target forward")
     return speeds, output[0, len(prompt_ids):].tolist(), notes
+
+
+def bench_ours_parallel(checkpoint: Path, dtype: str, prompt: str, new_tokens: int, runs: int, nproc: int,
+                        pipeline_stages, compiled: bool, quantization=None):
+    """generate.py itself under torchrun (its warm-up compiles; each of --num_samples runs is timed and prints
+    its tok/s); rank 0 also prints the communication of one decode step, which tp.py counts."""
+    if quantization:
+        import quantize
+
+        checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--dtype", dtype, "--prompt", prompt,
+               "--max_new_tokens", str(new_tokens), "--num_samples", str(runs), "--ignore_eos",
+               *(["--compile"] if compiled else []), *(["--pipeline_stages", pipeline_stages] if pipeline_stages else [])]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    if result.returncode != 0:
+        raise BenchError(errors[0][len("error: "):] if errors else f"torchrun failed: {result.stderr.strip()[-500:]}")
+    speeds = [float(s) for s in re.findall(r"Generated \d+ tokens in [\d.]+ s: ([\d.]+) tok/s", result.stderr)]
+    messages, kind, kilobytes = re.findall(r"Communication per decode step: (\d+) (\S+)[^,]*, ([\d.]+) KB",
+                                           result.stderr)[-1]
+    tqdm.write(f"{nproc} processes: {result.stdout.strip().splitlines()[0][:100]!r}", file=sys.stderr)
+    return speeds, None, [f"{messages} {kind}, {kilobytes} KB per decode step"]
 
 
 def compiled_graphs() -> int:
@@ -319,6 +345,9 @@ def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens
 
 def run_row(key: str, args, prompt_ids: list):
     _, _, runner, dtype, quantization = ROWS[key]
+    if args.nproc > 1:
+        return bench_ours_parallel(args.checkpoint_path, dtype, args.prompt, args.new_tokens, args.runs, args.nproc,
+                                   args.pipeline_stages, runner == "ours", quantization)
     if runner in ("ours", "ours-eager"):
         drafting = key.removeprefix("ours-") if key in DRAFTING_ROWS else None
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours",
@@ -381,7 +410,11 @@ def parse_args(argv=None):
                         help="add the speculative and Medusa rows (and ours-bf16, their baseline) to the default rows")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and llama.cpp threads")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--nproc", type=int, default=1, help="run our rows through torchrun with this many processes")
+    parser.add_argument("--pipeline_stages", help="with --nproc: layers per stage (default: tensor parallel)")
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be at least 1")
     if args.new_tokens < 2:
         parser.error("--new_tokens must be at least 2 (the first new token comes from prefill)")
     if args.runs < 1:
@@ -397,8 +430,15 @@ def select_rows(args) -> list:
         unknown = [key for key in rows if key not in ROWS]
         if unknown:
             raise BenchError(f"unknown row {unknown[0]!r}; rows are: {', '.join(ROWS)}")
-        return rows
-    return DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (DRAFTING_ROWS if args.drafting else [])
+    else:
+        rows = DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (DRAFTING_ROWS if args.drafting else [])
+    if args.nproc > 1:
+        others = [key for key in rows if ROWS[key][2] not in ("ours", "ours-eager") or key in DRAFTING_ROWS]
+        if args.rows and others:
+            raise BenchError(f"row {others[0]!r} cannot run under --nproc: only our plain rows "
+                             f"(ours-bf16, ours-fp16, ours-fp32, ours-int8, ours-int4, ours-eager-bf16) run through torchrun")
+        rows = [key for key in rows if key not in others]
+    return rows
 
 
 def run(args):
@@ -426,7 +466,10 @@ def run(args):
     output = "\n".join([
         machine_line(args.threads),
         f"Prompt: {len(prompt_ids)} tokens; {args.new_tokens} new tokens per run, greedy, EOS ignored; "
-        f"decode tok/s = (new tokens - 1) / decode time, prefill excluded.",
+        f"decode tok/s = (new tokens - 1) / decode time, prefill excluded."
+        + (f" Our rows ran as {args.nproc} processes under torchrun ("
+           + (f"pipeline stages {args.pipeline_stages}" if args.pipeline_stages else "tensor parallel")
+           + "); runs lists their communication per decode step." if args.nproc > 1 else ""),
         *([f"Warning: 1-min load average was {load_at_start:.2f} at start; other processes competing for the cores "
            f"make these numbers unreliable (oversubscribed threads spin-wait), rerun on an idle machine."]
           if load_at_start > 0.5 else []),

@@ -1,0 +1,539 @@
+"""Tensor parallel and pipeline stages across the processes torchrun starts (gloo on CPU, nccl on CUDA).
+
+    torchrun --standalone --nproc_per_node=2 generate.py --compile --checkpoint_path checkpoints/NAME/model.pth
+    torchrun --standalone --nproc_per_node=3 generate.py --pipeline_stages 10,10,12 --checkpoint_path ...
+
+model.py knows nothing of this file. `generate.load_model` builds the model on the meta device and assigns the
+memory-mapped weights; then, *before* the weights are converted to the run dtype or moved to the device,
+`Layout.shard` cuts out this rank's part. Slicing a memory-mapped tensor and copying the slice reads only that
+slice's pages, and modules a rank drops are never read at all, so a rank's memory is about its share of the model.
+
+Tensor parallel, in the Megatron style (every rank runs every layer on a slice of it):
+  - wqkv keeps the output rows of this rank's whole heads: a contiguous block of KV heads and the query heads
+    of their GQA groups, so attention needs no communication. Qwen2's qkv bias is sliced with the same rows.
+    Qwen3's q/k norms weigh each head's head_dim features with one vector shared by all heads: every rank
+    keeps it whole. The attention's head counts are set to the local ones; the KV cache is sized from them.
+  - w1 (gate) and w3 (up) keep a block of the MLP's intermediate rows, w2 (down) the matching input columns.
+  - wo and w2 then produce partial sums: a forward hook all-reduces their output (two all-reduces per layer).
+  - Heads and MLP rows are split as evenly as whole heads allow (SmolLM2's 3 KV heads go 1 + 2 over 2 ranks):
+    requiring divisibility would rule out most small models. A rank with no KV head is the error case.
+  - Quantized layers are sliced before `quantize.prepare_for_device` packs them: int8 rows take their scales,
+    int8 columns keep every scale (a row's scale multiplies each partial sum alike, so the sums add up);
+    int4 rows take their scales and zeros, int4 columns must start and end on group boundaries.
+  - Embedding, final norm and output projection are replicated: every rank computes the same logits, so every
+    rank samples the same token (same seed) and no token needs to be sent.
+
+Pipeline stages, as in Jupiter (each rank runs a contiguous block of layers, e.g. 10,10,12):
+  - the rank keeps its slice of `model.layers` (the KV cache is built for those layers only);
+  - on later stages `tok_embeddings` becomes ReceiveActivations (the previous stage's hidden states);
+  - on earlier stages `norm` becomes SendActivations and `output` ReceiveLogits; the last stage's output
+    projection sends its logits to every other rank, so each rank again samples the same token;
+  - an eager prefill is split into one sub-sequence per stage (PipelineTransformer): sends are asynchronous,
+    so stage s works on sub-sequence i while stage s+1 works on i - 1. Causal attention over the KV cache
+    makes the split exact: each sub-sequence attends to the cache entries the earlier ones wrote.
+
+Under torch.compile (decode step, fullgraph): the functional all-reduce of torch.distributed compiles with
+inductor on CPU (gloo) in torch 2.13, cpp_wrapper included. Functional broadcast does not ("arg type Any is
+not yet supported by custom_op_wrapper") and there is no traceable send/recv, so under compile a pipeline
+transfer is an all-reduce over the two ranks in which the receiver contributes zeros: the same bytes per
+rank pair and an exact copy (x + 0 = x). Eager code (prefill) uses real send/recv.
+
+Communication is counted in small int64 buffers on the modules that communicate, incremented in place (so the
+count also runs inside a compiled graph): [one-token calls, longer calls] x [messages, bytes].
+"""
+import contextlib
+import ctypes
+import functools
+import mmap
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+from torch import Tensor
+
+import quantize
+from model import Transformer
+
+# Start-up (rendezvous, first barrier) must fail fast when a rank is missing. Generation collectives get a long
+# timeout instead: one rank may spend minutes compiling while the others wait at their first all-reduce.
+STARTUP_TIMEOUT_S = float(os.environ.get("GPT_FAST_STARTUP_TIMEOUT", "60"))
+WORK_TIMEOUT = timedelta(minutes=30)
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+ACTIVATIONS, LOGITS = 0, 1  # message tags
+
+
+class DistributedError(Exception):
+    """A launch or layout that cannot work: one line `error: ...` (from rank 0 only), exit code 2 on every rank."""
+
+
+@dataclass
+class Layout:
+    """Where this process stands: its rank, the device and process groups, and how the model is split."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    group: object  # every rank, long timeout: generation collectives
+    pipeline_stages: Optional[list] = None  # layers per stage; None means tensor parallel
+    pairs: dict = field(default_factory=dict)  # pipeline: lower rank r -> group {r, r + 1}
+
+    def shard(self, model: Transformer) -> Transformer:
+        """Cut this rank's part out of a model whose weights are still memory-mapped (load_model's hook).
+        Any loaded Transformer goes through here, a draft model too, so both are split the same way."""
+        if self.pipeline_stages:
+            return shard_pipeline(model, self)
+        return shard_tensor_parallel(model, self)
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def init(device: str, pipeline_stages: Optional[list] = None) -> Optional[Layout]:
+    """Join torchrun's process group when launched with WORLD_SIZE > 1; None for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        if pipeline_stages and len(pipeline_stages) > 1:
+            raise DistributedError(f"--pipeline_stages {format_stages(pipeline_stages)} needs one process per stage: "
+                                   f"launch with torchrun --standalone --nproc_per_node={len(pipeline_stages)}")
+        return None
+    missing = [name for name in RENDEZVOUS_VARIABLES if name not in os.environ]
+    if missing:
+        raise DistributedError(f"WORLD_SIZE={world_size} is set but {', '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} not: "
+                               f"launch with torchrun --standalone --nproc_per_node={world_size} generate.py ...")
+    if pipeline_stages and len(pipeline_stages) != world_size:
+        raise DistributedError(f"--pipeline_stages {format_stages(pipeline_stages)} has {len(pipeline_stages)} stages "
+                               f"but torchrun started {world_size} processes: use --nproc_per_node={len(pipeline_stages)}")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device(device)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                                   f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    try:
+        with native_stderr_silenced():  # c10d logs each failed connection attempt, with a C++ stack trace
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+                                    device_id=device if device.type == "cuda" else None)
+            dist.barrier()  # every rank is up, or the start-up timeout ends it
+    except Exception as error:  # the store raises DistStoreError, gloo RuntimeError, env:// ValueError
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise DistributedError(
+            f"no rendezvous with all {world_size} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"within {STARTUP_TIMEOUT_S:g} s ({reason}); start every rank through torchrun "
+            f"(or raise GPT_FAST_STARTUP_TIMEOUT)") from None
+    if rank != 0:  # from here on every rank says the same: rank 0 says it
+        silence(rank)
+    group = dist.new_group(timeout=WORK_TIMEOUT)
+    pairs = {r: dist.new_group([r, r + 1], timeout=WORK_TIMEOUT) for r in range(world_size - 1)} if pipeline_stages else {}
+    return Layout(rank, world_size, device, group, pipeline_stages, pairs)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def silence(rank: int):
+    """Only rank 0 prints. The others' stdout and stderr (file descriptors too: gloo's C++ logs) go to
+    /dev/null; an unexpected traceback still reaches the terminal, labelled with its rank."""
+    terminal = os.fdopen(os.dup(2), "w")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+
+    def excepthook(kind, value, tb):
+        terminal.write(f"[rank {rank}] " + "".join(traceback.format_exception(kind, value, tb)))
+        terminal.flush()
+
+    sys.excepthook = excepthook
+
+
+def finish():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parse_stages(text: str) -> list:
+    """'10,10,12' -> [10, 10, 12]; ValueError with the reason otherwise."""
+    try:
+        stages = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pipeline_stages {text!r} must be layer counts separated by commas, e.g. 10,10,12") from None
+    if any(n < 1 for n in stages):
+        raise ValueError(f"--pipeline_stages {text!r}: every stage needs at least one layer")
+    return stages
+
+
+def format_stages(stages: list) -> str:
+    return ",".join(map(str, stages))
+
+
+def split(n: int, parts: int, index: int) -> tuple:
+    """The index-th of `parts` contiguous ranges of range(n), as equal as whole units allow."""
+    return n * index // parts, n * (index + 1) // parts
+
+
+# ---------------------------------------------------------------- counting communication
+
+
+def add_counter(module: nn.Module, name: str):
+    # [one-token calls (decode), longer calls (prefill)] x [messages, bytes]. A buffer, so that it moves with the
+    # model and counts in place inside a compiled graph (CUDA graphs treat module buffers as static too).
+    module.register_buffer(name, torch.zeros(2, 2, dtype=torch.int64), persistent=False)
+
+
+def tally(counter: Tensor, x: Tensor):
+    row = 0 if x.shape[-2] == 1 else 1
+    counter[row] += torch.tensor([1, x.numel() * x.element_size()], device=counter.device)
+
+
+def counters(model: nn.Module) -> list:
+    return [buffer for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] in ("all_reduces", "transfers")]
+
+
+def reset_communication(model: nn.Module):
+    for counter in counters(model):
+        counter.zero_()
+
+
+def communication_per_step(model: nn.Module, decode_steps: int) -> tuple:
+    """(messages, bytes) of this rank per one-token decode step, from the counters since the last reset."""
+    total = sum((counter[0] for counter in counters(model)), torch.zeros(2, dtype=torch.int64)).tolist()
+    return total[0] / max(decode_steps, 1), total[1] / max(decode_steps, 1)
+
+
+def communication_line(model: nn.Module, layout: Layout, decode_steps: int) -> str:
+    messages, nbytes = communication_per_step(model, decode_steps)
+    kind = "all-reduces" if layout.pipeline_stages is None else "transfers (sent or received by rank 0)"
+    mode = (f"tensor parallel over {layout.world_size}" if layout.pipeline_stages is None
+            else f"pipeline stages {format_stages(layout.pipeline_stages)}")
+    return f"Communication per decode step: {messages:.0f} {kind}, {nbytes / 1e3:.1f} KB ({mode})"
+
+
+# ---------------------------------------------------------------- tensor parallel
+
+
+ROW_TENSORS = ("weight", "bias", "scales", "zeros")  # per-output-row tensors of Linear, Int8Linear, Int4Linear
+
+
+def replace(module: nn.Module, name: str, tensor: Optional[Tensor]):
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter) and tensor is not None:
+        tensor = nn.Parameter(tensor, requires_grad=False)
+    setattr(module, name, tensor)
+    release(old)
+
+
+def checkpoint_mappings() -> list:
+    """Address ranges of the memory-mapped checkpoint files (*.pth) in this process (Linux; else none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[-1].endswith(".pth"):
+            start, end = (int(a, 16) for a in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+MAPPINGS = []  # filled by each shard call: the checkpoint was mapped just before
+MADV_DONTNEED = 4
+
+
+def release(tensor: Optional[Tensor]):
+    """Drop a memory-mapped source tensor's pages from this process once its slice is copied.
+
+    Slicing columns touches every page of a weight, and touched pages of the file mapping count in the
+    resident set for as long as the mapping lives (the embedding and norms keep it alive), so without this a
+    rank's peak would hold most of the file. They are clean private pages of the file: dropping them is safe,
+    a later touch re-reads them. Tensors outside a checkpoint mapping (built in memory) are left alone."""
+    if tensor is None or tensor.device.type != "cpu" or tensor.is_meta:
+        return
+    page = mmap.PAGESIZE
+    first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    for start, end in MAPPINGS:
+        if start <= first and last <= end:
+            low, high = max(start, first // page * page), min(end, -(-last // page) * page)
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
+            return
+
+
+def keep_rows(module: nn.Module, name: str, ranges: list):
+    """Keep the output rows in `ranges` ([(start, end)]) of a linear, with their bias, scales and zeros."""
+    rows = sum(end - start for start, end in ranges)
+    if isinstance(module, quantize.Int4Linear) and rows % 16:  # the CPU packing needs 16, CUDA's 8
+        raise DistributedError(f"{name}: this rank would keep {rows} output rows, and int4 kernels need a multiple "
+                               f"of 16; use the int8 or float checkpoint, or another number of processes")
+    for attr in ROW_TENSORS:
+        tensor = getattr(module, attr, None)
+        if tensor is not None:  # torch.cat copies: only the kept rows' pages of the memory-mapped file are read
+            replace(module, attr, torch.cat([tensor[start:end] for start, end in ranges]))
+    module.out_features = rows
+
+
+def keep_columns(module: nn.Module, name: str, start: int, end: int, keep_bias: bool):
+    """Keep the input columns [start, end) of a linear whose partial outputs are then summed over ranks."""
+    if isinstance(module, quantize.Int4Linear):
+        size = module.groupsize
+        if start % size or end % size:
+            raise DistributedError(f"{name}: this rank's input columns {start}-{end} of {module.in_features} do not "
+                                   f"fall on int4 group boundaries (group size {size}); use the int8 or float "
+                                   f"checkpoint, or another number of processes")
+        replace(module, "weight", module.weight[:, start // 2:end // 2].clone())  # two codes per byte, even first
+        replace(module, "scales", module.scales[:, start // size:end // size].clone())
+        replace(module, "zeros", module.zeros[:, start // size:end // size].clone())
+    else:  # float or int8; int8 keeps every per-row scale: it multiplies each partial sum alike
+        replace(module, "weight", module.weight[:, start:end].clone())
+    if getattr(module, "bias", None) is not None and not keep_bias:
+        module.bias = None  # added once, by rank 0, not once per rank
+    module.in_features = end - start
+
+
+def all_reduce_output(module: nn.Module, inputs, output: Tensor, group) -> Tensor:
+    tally(module.all_reduces, output)
+    return funcol.all_reduce(output, "sum", group)
+
+
+def mlp_unit(feed_forward: nn.Module) -> int:
+    """MLP rows go to ranks in whole units: int4 w2 columns by groups, int4 w1/w3 rows by 16 (kernel tiles)."""
+    if isinstance(feed_forward.w2, quantize.Int4Linear):
+        return feed_forward.w2.groupsize
+    if any(isinstance(m, quantize.Int4Linear) for m in (feed_forward.w1, feed_forward.w3)):
+        return 16
+    return 1
+
+
+def shard_tensor_parallel(model: Transformer, layout: Layout) -> Transformer:
+    args, rank, world = model.args, layout.rank, layout.world_size
+    MAPPINGS[:] = checkpoint_mappings()
+    if args.n_local_heads < world:
+        raise DistributedError(f"tensor parallel over {world} processes needs at least {world} KV heads (each rank "
+                               f"keeps whole heads), but this model has {args.n_head} heads and {args.n_local_heads} "
+                               f"KV heads: use --nproc_per_node={args.n_local_heads} or fewer, or --pipeline_stages")
+    kv_start, kv_end = split(args.n_local_heads, world, rank)
+    per_kv = args.n_head // args.n_local_heads  # query heads sharing each KV head
+    q_start, q_end = kv_start * per_kv, kv_end * per_kv
+    d = args.head_dim
+    q_rows = (q_start * d, q_end * d)
+    k_rows = ((args.n_head + kv_start) * d, (args.n_head + kv_end) * d)
+    v_rows = ((args.n_head + args.n_local_heads + kv_start) * d, (args.n_head + args.n_local_heads + kv_end) * d)
+    for i, layer in enumerate(model.layers):
+        attention, feed_forward = layer.attention, layer.feed_forward
+        keep_rows(attention.wqkv, f"layers.{i}.attention.wqkv", [q_rows, k_rows, v_rows])
+        keep_columns(attention.wo, f"layers.{i}.attention.wo", *q_rows, keep_bias=rank == 0)
+        attention.n_head, attention.n_local_heads = q_end - q_start, kv_end - kv_start
+        unit = mlp_unit(feed_forward)
+        units = args.intermediate_size // unit
+        if units < world:
+            raise DistributedError(f"the MLP's {args.intermediate_size} rows cannot go to {world} processes in whole "
+                                   f"units of {unit}; use fewer processes")
+        mlp_start, mlp_end = (unit * i for i in split(units, world, rank))
+        keep_rows(feed_forward.w1, f"layers.{i}.feed_forward.w1", [(mlp_start, mlp_end)])
+        keep_rows(feed_forward.w3, f"layers.{i}.feed_forward.w3", [(mlp_start, mlp_end)])
+        keep_columns(feed_forward.w2, f"layers.{i}.feed_forward.w2", mlp_start, mlp_end, keep_bias=rank == 0)
+        for linear in (attention.wo, feed_forward.w2):
+            add_counter(linear, "all_reduces")
+            linear.register_forward_hook(functools.partial(all_reduce_output, group=layout.group))
+    model.shard_description = (f"heads {q_start}-{q_end - 1} of {args.n_head}, KV heads {kv_start}-{kv_end - 1} of "
+                               f"{args.n_local_heads}, MLP rows {mlp_start}-{mlp_end - 1} of {args.intermediate_size}")
+    return model
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+class Pipe:
+    """The links of one pipeline rank. Eager: point-to-point isend/irecv, kept pending until the forward ends.
+    Compiled: an all-reduce over the pair of ranks (or all ranks, for logits) in which receivers contribute zeros."""
+
+    def __init__(self, layout: Layout, stages: list):
+        self.rank, self.last, self.layout = layout.rank, len(stages) - 1, layout
+        self.pending = []
+
+    def send(self, x: Tensor, dst: int, counter: Tensor):
+        tally(counter, x)
+        if torch.compiler.is_compiling():
+            funcol.all_reduce(x, "sum", self.layout.pairs[min(self.rank, dst)])
+        else:
+            x = x.contiguous()
+            self.pending.append((dist.isend(x, dst, group=self.layout.group, tag=ACTIVATIONS), x))
+
+    def receive(self, shape, like: Tensor, src: int, counter: Tensor, wait: bool) -> Tensor:
+        buffer = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        tally(counter, buffer)
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(buffer, "sum", self.layout.pairs[min(self.rank, src)])
+        work = dist.irecv(buffer, src, group=self.layout.group, tag=ACTIVATIONS)
+        if wait:
+            work.wait()
+        else:
+            self.pending.append((work, buffer))
+        return buffer
+
+    def share_logits(self, logits: Tensor, counter: Tensor) -> Tensor:
+        """Last stage: its logits to every rank. Other ranks: logits is a zero buffer to receive into."""
+        tally(counter, logits)
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(logits, "sum", self.layout.group)
+        if self.rank == self.last:
+            for dst in range(self.last):
+                self.pending.append((dist.isend(logits, dst, group=self.layout.group, tag=LOGITS), logits))
+        else:  # waited for at the end of the forward, so the next prefill sub-sequence can start meanwhile
+            self.pending.append((dist.irecv(logits, self.last, group=self.layout.group, tag=LOGITS), logits))
+        return logits
+
+    def wait(self):
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+class ReceiveActivations(nn.Module):
+    """In place of the embedding on later stages: the previous stage's hidden states for these tokens."""
+
+    def __init__(self, pipe: Pipe, dim: int):
+        super().__init__()
+        self.pipe, self.dim = pipe, dim
+        # Transformer.forward reads the embedding's dtype (the run dtype): an empty table carries it.
+        self.register_buffer("weight", torch.empty(0, dim), persistent=False)
+        add_counter(self, "transfers")
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.pipe.receive((*idx.shape, self.dim), self.weight, self.pipe.rank - 1, self.transfers, wait=True)
+
+
+class SendActivations(nn.Module):
+    """In place of the final norm on earlier stages: hands the hidden states to the next stage."""
+
+    def __init__(self, pipe: Pipe):
+        super().__init__()
+        self.pipe = pipe
+        self.register_buffer("weight", torch.empty(0), persistent=False)  # setup_caches reads the norm's dtype/device
+        add_counter(self, "transfers")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.pipe.send(x, self.pipe.rank + 1, self.transfers)
+        return x
+
+
+class ReceiveLogits(nn.Module):
+    """In place of the output projection on earlier stages: the last stage's logits."""
+
+    def __init__(self, pipe: Pipe, vocab_size: int):
+        super().__init__()
+        self.pipe, self.vocab_size = pipe, vocab_size
+        add_counter(self, "transfers")
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = torch.zeros(*x.shape[:-1], self.vocab_size, dtype=x.dtype, device=x.device)
+        return self.pipe.share_logits(logits, self.transfers)
+
+
+def share_output_logits(module: nn.Module, inputs, logits: Tensor, pipe: Pipe) -> Tensor:
+    return pipe.share_logits(logits, module.transfers)
+
+
+class PipelineTransformer(Transformer):
+    """A Transformer holding one pipeline stage. A long eager prefill runs as one sub-sequence per stage, so
+    that the stages overlap; every eager forward ends by waiting for its pending sends and receives.
+    Other forward arguments pass through untouched (a call with a mask or more arguments is not split).
+    A hidden state returned by the forward is the final normed one on the last stage only."""
+
+    prefill_chunks = 0  # 0: one sub-sequence per stage
+
+    def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return super().forward(idx, input_pos, mask, *args, **kwargs)
+        chunks = min(self.prefill_chunks or len(self.pipe_stages), idx.shape[1])
+        # Flags pass to every sub-sequence; a mask or other per-token tensors would need splitting too: not split.
+        per_token = mask is not None or args or any(isinstance(v, Tensor) for v in kwargs.values())
+        if per_token or chunks < 2:
+            outputs = [Transformer.forward(self, idx, input_pos, mask, *args, **kwargs)]
+        else:
+            bounds = [split(idx.shape[1], chunks, i) for i in range(chunks)]
+            outputs = [Transformer.forward(self, idx[:, a:b], input_pos[a:b], **kwargs) for a, b in bounds]
+        self.pipe.wait()
+        if len(outputs) == 1:
+            return outputs[0]
+        if isinstance(outputs[0], tuple):  # e.g. (logits, hidden): each part along the sequence
+            return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
+        return torch.cat(outputs, dim=1)
+
+
+def shard_pipeline(model: Transformer, layout: Layout) -> Transformer:
+    stages, rank, args = layout.pipeline_stages, layout.rank, model.args
+    if sum(stages) != args.n_layer:
+        raise DistributedError(f"--pipeline_stages {format_stages(stages)} sums to {sum(stages)} layers but the model has "
+                               f"{args.n_layer}: give layer counts that sum to {args.n_layer}")
+    start = sum(stages[:rank])
+    end = start + stages[rank]
+    pipe = Pipe(layout, stages)
+    # Only this stage's layers stay; the others' weights are never read from the file.
+    model.layers = nn.ModuleList(list(model.layers)[start:end])
+    holds = [f"layers {start}-{end - 1} of {args.n_layer}"]
+    if rank > 0:
+        model.tok_embeddings = ReceiveActivations(pipe, args.dim)
+    else:
+        holds.append("embedding")
+    if rank < pipe.last:
+        model.norm, model.output = SendActivations(pipe), ReceiveLogits(pipe, args.vocab_size)
+    else:
+        add_counter(model.output, "transfers")
+        model.output.register_forward_hook(functools.partial(share_output_logits, pipe=pipe))
+        holds.append("norm, output")
+    model.__class__ = PipelineTransformer
+    model.pipe, model.pipe_stages = pipe, stages
+    model.shard_description = ", ".join(holds)
+    return model
+
+
+# ---------------------------------------------------------------- per-rank memory
+
+
+def layer_weight_bytes(model: Transformer) -> int:
+    tensors = {id(t): t for name, t in [*model.layers.named_parameters(), *model.layers.named_buffers()]
+               if "kv_cache" not in name}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def memory_report(model: Transformer, layout: Layout, figures: dict) -> Optional[str]:
+    """One table on rank 0 with a row per rank (every rank must call this: it gathers)."""
+    row = {**figures, "rank": layout.rank, "holds": getattr(model, "shard_description", ""),
+           "layer_bytes": layer_weight_bytes(model)}
+    rows = [None] * layout.world_size
+    dist.all_gather_object(rows, row)
+    if layout.rank != 0:
+        return None
+    lines = ["| rank | holds | layer weights | model memory | KV cache memory | peak memory |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['rank']} | {r['holds']} | {r['layer_bytes'] / 1e6:.2f} MB | {r['model_bytes'] / 1e6:.2f} MB "
+                     f"| {r['cache_bytes'] / 1e6:.2f} MB | {r['peak_bytes'] / 1e6:.0f} MB |")
+    total = {key: sum(r[key] for r in rows) for key in ("layer_bytes", "model_bytes", "cache_bytes", "peak_bytes")}
+    lines.append(f"| all | {rows[0]['parameters'] / 1e6:.1f} M parameters | {total['layer_bytes'] / 1e6:.2f} MB "
+                 f"| {total['model_bytes'] / 1e6:.2f} MB | {total['cache_bytes'] / 1e6:.2f} MB | {total['peak_bytes'] / 1e6:.0f} MB |")
+    return "\n".join(lines)
