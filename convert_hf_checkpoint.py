@@ -8,19 +8,24 @@ The model's shape always comes from the checkpoint's own config (config.json, or
 `model.pth` holds {"model_args": ..., "quantization": ..., "state_dict": ...} so that every file,
 quantized ones too, describes itself; tokenizer files are written next to it.
 """
-import argparse
 import json
-import os
 import re
-import shutil
 import sys
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model import ModelArgs
+import checkpoint
+import cli
+from checkpoint import atomic_output
+from cli import ArgumentParser, UsageError
+from medusa import write_medusa_heads
+from model import ModelArgs, Transformer
+from quantize import dequantize_int4, dequantize_int8, pack_int4
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENIZER_FILES = (
@@ -30,8 +35,8 @@ TOKENIZER_FILES = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConversionError(Exception):
-    """Bad input: reported as one line with exit code 2."""
+class ConversionError(UsageError):
+    """A source that cannot be converted: one line, exit code 2."""
 
 
 # HF parameter names -> ours. q/k/v are fused into wqkv afterwards.
@@ -89,43 +94,13 @@ def fuse_qkv(state_dict: dict, args: ModelArgs) -> dict:
     return state_dict
 
 
-def check_complete(state_dict: dict, args: ModelArgs):
+def check_complete(state_dict: dict, args: ModelArgs, source):
     """Every parameter the model declares must be present with the shape the config implies."""
-    from model import Transformer
-
     with torch.device("meta"):
         expected = Transformer(args).state_dict()
     if args.tie_word_embeddings:
         expected.pop("output.weight")
-    missing = sorted(set(expected) - set(state_dict))
-    if missing:
-        raise ConversionError(f"checkpoint lacks {len(missing)} weights the config implies, e.g. {missing[0]!r}")
-    for name, tensor in state_dict.items():
-        if name not in expected:
-            raise ConversionError(f"weight {name!r} does not belong to the model the config describes")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ConversionError(
-                f"weight {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(expected[name].shape)}"
-            )
-
-
-def save_checkpoint(path: Path, model_args: ModelArgs, state_dict: dict, quantization=None):
-    """Write atomically: a failure or interruption never leaves a half-written file under the final name."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save({"model_args": model_args.to_dict(), "quantization": quantization, "state_dict": state_dict}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint dict, memory-mapped: tensors are paged in when used, not all at once."""
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint:
-        raise ConversionError(f"{path} is not a checkpoint written by convert_hf_checkpoint.py; convert it first")
-    return checkpoint
+    checkpoint.check_tensors(state_dict, expected, source)
 
 
 def cast(state_dict: dict, dtype):
@@ -183,7 +158,7 @@ def convert_hf_folder(directory: Path, output: Path, dtype=None) -> tuple:
                 state_dict[rename(name, HF_TOP_NAMES, r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", HF_LAYER_NAMES)] = tensor
             bar.update()
     state_dict = cast(fuse_qkv(state_dict, args), dtype)
-    check_complete(state_dict, args)
+    check_complete(state_dict, args, directory)
     if medusa_heads:
         num_layers = config.get("medusa_num_layers") or max(int(name.split(".")[1]) for name in medusa_heads)
         num_heads = config.get("medusa_num_heads") or 1 + max(int(name.split(".")[0]) for name in medusa_heads)
@@ -193,25 +168,9 @@ def convert_hf_folder(directory: Path, output: Path, dtype=None) -> tuple:
     if directory.resolve() != output.parent.resolve():
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
-                shutil.copy(directory / name, output.parent / name)
+                with atomic_output(output.parent / name) as tmp:
+                    shutil.copy(directory / name, tmp)
     return args, state_dict
-
-
-def write_medusa_heads(heads: dict, num_heads: int, num_layers: int, directory: Path, base_model: str,
-                       shared_projection: bool = False) -> Path:
-    """Medusa heads in FasterDecoding's layout: medusa_lm_head.safetensors + config.json. `shared_projection`
-    (our key; other loaders ignore it) records that every head's projection is still the base model's own."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "medusa_lm_head.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp))
-    tmp.replace(path)
-    (directory / "config.json").write_text(json.dumps(
-        {"medusa_num_heads": num_heads, "medusa_num_layers": num_layers, "base_model_name_or_path": base_model,
-         "shared_projection": shared_projection}, indent=2) + "\n")
-    return path
 
 
 def download(repo_id: str, checkpoints: Path) -> Path:
@@ -359,15 +318,13 @@ def convert_gguf(path: Path, output_dir: Path, dtype=None, keep_quantization: bo
     if keep_quantization:  # the quantized tensors are not cast: their scales are the GGUF's fp16 values, exactly
         quantization = kept_state_dict(kept, state_dict)
     else:
-        check_complete(state_dict, args)
+        check_complete(state_dict, args, path)
         quantization = None
     write_gguf_tokenizer(path, reader, output_dir)
     return args, state_dict, quantization
 
 
 def dequantize_kept(kind: str, parts: tuple) -> torch.Tensor:
-    from quantize import dequantize_int4, dequantize_int8
-
     return dequantize_int4(*parts, 32) if kind == "int4" else dequantize_int8(*parts)
 
 
@@ -388,8 +345,6 @@ def fuse_kept_qkv(kept: dict, state_dict: dict, args: ModelArgs):
 def kept_state_dict(kept: dict, state_dict: dict) -> dict:
     """Put the GGUF's kept layers into `state_dict` in our Int4Linear / Int8Linear (group 32) layouts;
     returns the quantization record."""
-    from quantize import pack_int4
-
     layers = {}
     for name, (kind, parts) in kept.items():
         prefix = name.removesuffix(".weight")
@@ -411,10 +366,15 @@ def write_gguf_tokenizer(path: Path, reader, directory: Path):
     template = gguf_field(reader, "tokenizer.chat_template")
     if template:
         tokenizer.chat_template = template
-    tokenizer.save_pretrained(str(directory))
     eos = gguf_field(reader, "tokenizer.ggml.eos_token_id")
     generation = {"bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"), "eos_token_id": eos}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer-") as staging:  # files appear whole or not at all
+        staging = Path(staging)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for file in sorted(staging.iterdir()):
+            with atomic_output(directory / file.name) as tmp:
+                shutil.copy(file, tmp)
 
 
 # ---------------------------------------------------------------- CLI
@@ -429,17 +389,21 @@ def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoint
     if gguf:
         gguf = Path(gguf)
         output_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoints / gguf.stem.split(".")[0]
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ConversionError(f"output folder {output_dir} is a file; give --checkpoint_dir a folder")
         output_dir.mkdir(parents=True, exist_ok=True)
         args, state_dict, quantization = convert_gguf(gguf, output_dir, dtype, keep_quantization)
         # Named by what was kept: model_int4.g32.pth (Q4_0/Q4_1 layers, any Q8_0 ones as int8 g32), model_int8.g32.pth
         output = output_dir / (f"model_{quantization['mode']}.g32.pth" if quantization else "model.pth")
     else:
         directory = Path(checkpoint_dir)
+        if directory.is_file():
+            raise ConversionError(f"checkpoint directory {directory} is a file; give --checkpoint_dir the HF model folder")
         if not directory.is_dir():
             raise ConversionError(f"checkpoint directory {directory} not found")
         output = directory / "model.pth"
         args, state_dict = convert_hf_folder(directory, output, dtype)
-    save_checkpoint(output, args, state_dict, quantization)
+    checkpoint.save(output, args, state_dict, quantization)
     size = sum(t.numel() * t.element_size() for t in state_dict.values())
     kinds = sorted(set(quantization["layers"].values())) if quantization else []
     what = f"{len(quantization['layers'])} {'/'.join(kinds)} layers kept from the GGUF" if quantization else \
@@ -449,8 +413,8 @@ def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoint
     return output
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    parser = ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint_dir", type=Path, help="local HF model folder (model.pth is written into it); with --gguf, the output folder")
     source.add_argument("--repo_id", help="hub id ORG/NAME: downloaded into checkpoints/ORG/NAME, then converted")
@@ -468,13 +432,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.gguf and args.repo_id:
         parser.error("--gguf and --repo_id are two different sources; give one")
-    try:
-        if args.keep_quantization and not args.gguf:
-            parser.error("--keep_quantization applies to --gguf sources only")
-        convert(args.checkpoint_dir, args.repo_id, args.gguf, DTYPES.get(args.dtype), args.checkpoints, args.keep_quantization)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    if args.keep_quantization and not args.gguf:
+        parser.error("--keep_quantization applies to --gguf sources only")
+    convert(args.checkpoint_dir, args.repo_id, args.gguf, DTYPES.get(args.dtype), args.checkpoints, args.keep_quantization)
+
+
+def main(argv=None):
+    cli.run(run, argv)
 
 
 if __name__ == "__main__":

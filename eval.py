@@ -8,9 +8,7 @@ window that reaches it, with the window's earlier tokens as context (the method 
 --tasks needs `pip install lm-eval` (imported only then) and the tasks' datasets (from the HF hub, or local
 task configs in --include_path); --max_seq_length is then the longest context the model is given.
 """
-import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from convert_hf_checkpoint import ConversionError
+import cli
+from cli import ArgumentParser, UsageError
 from generate import DTYPES, generate, load_model, until_stop
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, load_tokenizer
 
 
 def perplexity(model, tokens: torch.Tensor, max_seq_length: int = 1024, stride: int = 512) -> tuple:
@@ -159,7 +158,7 @@ def lm_eval_base_class():
     try:
         from lm_eval.api.model import LM
     except ImportError:
-        raise ConversionError("lm-evaluation-harness is not installed; pip install lm-eval")
+        raise UsageError("lm-evaluation-harness is not installed; pip install lm-eval")
     return LM
 
 
@@ -179,12 +178,12 @@ def evaluate_tasks(lm, tasks: list, num_fewshot=None, limit=None, include_path=N
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [task for task in tasks if task not in task_manager.all_tasks]
     if unknown:
-        raise ConversionError(f"unknown lm-eval task {unknown[0]!r}; `lm-eval ls tasks` lists them")
+        raise UsageError(f"unknown lm-eval task {unknown[0]!r}; `lm-eval ls tasks` lists them")
     try:
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                           task_manager=task_manager)
     except ConnectionError as error:  # datasets cannot reach the hub for a task's data
-        raise ConversionError(f"a task's dataset could not be loaded ({error}); check the network, "
+        raise UsageError(f"a task's dataset could not be loaded ({error}); check the network, "
                               "or give task configs with local data files in --include_path")
     return make_table(results)
 
@@ -197,15 +196,15 @@ def text_file_perplexity(model, tokenizer: Tokenizer, name: str, text_file: Path
     start = time.perf_counter()
     ids = tokenizer.encode(text_file.read_text(errors="replace"))[:max_tokens]
     if len(ids) < 2:
-        raise ConversionError(f"{text_file} has fewer than 2 tokens; nothing to evaluate")
+        raise UsageError(f"{text_file} has fewer than 2 tokens; nothing to evaluate")
     value, scored = perplexity(model, torch.tensor(ids, device=model.tok_embeddings.weight.device), max_seq_length, stride)
     elapsed = time.perf_counter() - start
     return (f"{name}: {scored} tokens evaluated, perplexity {value:.4f} "
             f"({elapsed:.1f} s, {scored / elapsed:.0f} tokens/s, window {max_seq_length}, stride {stride})")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, required=True)
     parser.add_argument("--text_file", type=Path, help="text to compute the perplexity of")
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (pip install lm-eval)")
@@ -226,24 +225,23 @@ def main(argv=None):
         parser.error("give --text_file (perplexity) or --tasks (lm-evaluation-harness), or both")
     if args.batch_size < 1 or (args.limit is not None and args.limit <= 0) or (args.num_fewshot or 0) < 0:
         parser.error("need --batch_size >= 1, --limit > 0 and --num_fewshot >= 0")
-    try:
-        for path, what in ((args.checkpoint_path, "checkpoint"), (args.text_file, "text file")):
-            if path and not path.is_file():
-                raise ConversionError(f"{what} {path} not found")
-        if args.tasks:
-            lm_eval_base_class()  # a missing lm_eval is reported before the model loads
-        model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
-        tokenizer = Tokenizer(args.checkpoint_path.parent)
-        if args.text_file:
-            print(text_file_perplexity(model, tokenizer, args.checkpoint_path.name, args.text_file, args.max_tokens,
-                                       args.max_seq_length, stride))
-        if args.tasks:
-            lm = harness_lm(model, tokenizer, args.max_seq_length, args.batch_size)
-            limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-            print(evaluate_tasks(lm, args.tasks.split(","), args.num_fewshot, limit, args.include_path))
-    except (ConversionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    if args.text_file and not args.text_file.is_file():
+        raise UsageError(f"text file {args.text_file} not found")
+    if args.tasks:
+        lm_eval_base_class()  # a missing lm_eval is reported before the model loads
+    model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    if args.text_file:
+        print(text_file_perplexity(model, tokenizer, args.checkpoint_path.name, args.text_file, args.max_tokens,
+                                   args.max_seq_length, stride))
+    if args.tasks:
+        lm = harness_lm(model, tokenizer, args.max_seq_length, args.batch_size)
+        limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+        print(evaluate_tasks(lm, args.tasks.split(","), args.num_fewshot, limit, args.include_path))
+
+
+def main(argv=None):
+    cli.run(run, argv)
 
 
 if __name__ == "__main__":

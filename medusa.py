@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from convert_hf_checkpoint import ConversionError, write_medusa_heads
+from checkpoint import CheckpointError, atomic_output
 from model import ModelArgs
 
 HEAD_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -90,6 +90,23 @@ class MedusaHeads(nn.ModuleList):
         return heads
 
 
+def write_medusa_heads(heads: dict, num_heads: int, num_layers: int, directory: Path, base_model: str,
+                       shared_projection: bool = False) -> Path:
+    """Medusa heads in FasterDecoding's layout: medusa_lm_head.safetensors + config.json. `shared_projection`
+    (our key; other loaders ignore it) records that every head's projection is still the base model's own."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "medusa_lm_head.safetensors"
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in heads.items()}, str(tmp))
+    with atomic_output(directory / "config.json") as tmp:
+        tmp.write_text(json.dumps({"medusa_num_heads": num_heads, "medusa_num_layers": num_layers,
+                                   "base_model_name_or_path": base_model, "shared_projection": shared_projection},
+                                  indent=2) + "\n")
+    return path
+
+
 def save_medusa_heads(heads: MedusaHeads, directory: Path, base_model: str = "", shared_projection: bool = False) -> Path:
     return write_medusa_heads(heads.state_dict(), len(heads), heads.num_layers, Path(directory), base_model,
                               shared_projection)
@@ -103,7 +120,7 @@ def load_medusa_heads(path: Path, args: ModelArgs, output: nn.Module = None) -> 
     directory = path if path.is_dir() else path.parent
     files = [directory / name for name in HEAD_FILES if (directory / name).is_file()] if path.is_dir() else [path]
     if not files or not files[0].is_file():
-        raise ConversionError(f"no Medusa head file ({' or '.join(HEAD_FILES)}) at {path}; "
+        raise CheckpointError(f"no Medusa head file ({' or '.join(HEAD_FILES)}) at {path}; "
                               "train heads with scripts/train_medusa.py or download a FasterDecoding head folder")
     if files[0].suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -120,13 +137,13 @@ def load_medusa_heads(path: Path, args: ModelArgs, output: nn.Module = None) -> 
     expected = heads.state_dict()
     if set(state_dict) != set(expected):
         missing = sorted(set(expected) - set(state_dict)) or sorted(set(state_dict) - set(expected))
-        raise ConversionError(f"{files[0]} does not hold {num_heads} heads of {num_layers} layer(s) "
+        raise CheckpointError(f"{files[0]} does not hold {num_heads} heads of {num_layers} layer(s) "
                               f"in the Medusa layout (e.g. {missing[0]!r})")
     for name, tensor in state_dict.items():
         if tensor.shape != expected[name].shape:
             projection = name.endswith(f".{num_layers}.weight")
             what = "vocabulary size" if projection and tensor.shape[0] != args.vocab_size else "hidden size"
-            raise ConversionError(f"Medusa heads in {files[0]} do not fit this model ({what}): {name} is "
+            raise CheckpointError(f"Medusa heads in {files[0]} do not fit this model ({what}): {name} is "
                                   f"{tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}; "
                                   "use heads trained for this base model")
     heads.load_state_dict(state_dict, assign=True)

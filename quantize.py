@@ -12,7 +12,6 @@ model.py never sees any of this: `swap_linears` replaces nn.Linear modules befor
 The tied output projection of models like SmolLM2 gets its own int8 copy in both modes (the embedding
 lookup stays in float): it is a fifth of SmolLM2's weight bytes, and llama.cpp keeps it at 8 bits too.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from convert_hf_checkpoint import ConversionError, load_checkpoint, save_checkpoint
-from model import ModelArgs, Transformer
+import checkpoint
+import cli
+from checkpoint import CheckpointError
+from cli import ArgumentParser, UsageError
+from model import Transformer
+from sampling import decode_one_token
+from tokenizer import load_tokenizer
 
 GROUP_SIZES = (32, 64, 128, 256)
 # On CPU the int8/int4 kernels are fast with 16-bit activations only (measured here: float32 activations
@@ -265,20 +269,26 @@ def collect_hessians(model: Transformer, names: list, sequences: list) -> dict:
 
 def calibration_sequences(model: Transformer, tokenizer_dir: Path, calibration_file=None, samples: int = 16,
                           length: int = 256, seed: int = 0) -> list:
-    """Token sequences from a text file, or, without one, text the model writes itself from random first
-    tokens (the data-free calibration of LLM-QAT): GPTQ then fits the model's own distribution."""
+    """Token sequences from a text file, or, without one, text the model writes itself (self_generated_text)."""
     if calibration_file is not None:
-        from tokenizer import Tokenizer
-
-        ids = torch.tensor(Tokenizer(tokenizer_dir).encode(Path(calibration_file).read_text(errors="replace")))
+        ids = torch.tensor(load_tokenizer(tokenizer_dir).encode(Path(calibration_file).read_text(errors="replace")))
         return [ids[i:i + length] for i in range(0, len(ids) - 1, length)][:samples]
-    from generate import generate
+    print(f"writing {samples} calibration samples of {length} tokens (no --calibration_file given)", file=sys.stderr)
+    return list(self_generated_text(model, samples, length, seed))
 
+
+@torch.no_grad()
+def self_generated_text(model: Transformer, samples: int, length: int, seed: int = 0) -> Tensor:
+    """[samples, length] tokens the model samples itself (temperature 1) from random first tokens, all rows in
+    one batch: the data-free calibration of LLM-QAT, so that GPTQ fits the model's own distribution."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    starts = torch.randint(0, model.args.vocab_size, (samples, 1), generator=generator)
-    print(f"writing {samples} calibration samples of {length} tokens (no --calibration_file given)", file=sys.stderr)
-    return list(generate(model, starts, length - 1, temperature=1.0))  # all samples in one batch
+    tokens = torch.randint(0, model.args.vocab_size, (samples, 1), generator=generator)
+    model.setup_caches(samples, length)
+    for position in tqdm(range(length - 1), desc="calibration text", unit="token"):
+        next_token, _ = decode_one_token(model, tokens[:, -1:], torch.tensor([position]), temperature=1.0)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens
 
 
 # ---------------------------------------------------------------- whole models
@@ -309,10 +319,16 @@ def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None) -> 
 
 
 def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool = False, hessians=None,
-                 blocksize: int = 128, damping: float = 0.01):
+                 blocksize: int = 128, damping: float = 0.01, source=None):
     """Replace the linears named in the plan, in place: with empty modules (to be loaded from a quantized
-    checkpoint) or, with quantize_weights, with modules quantized from the float weights they replace
+    checkpoint `source`) or, with quantize_weights, with modules quantized from the float weights they replace
     (int4 layers by GPTQ where `hessians` has theirs, else by rounding to nearest)."""
+    if source is not None:  # a record read from a file: a layer it names must be one of the model's linears
+        unknown = [name for name in quantization["layers"] if name not in linear_names(model)]
+        groupsizes = {quantization.get("groupsize"), quantization.get("int8_groupsize")} - {None}
+        if unknown or not groupsizes <= set(GROUP_SIZES):
+            what = f"names {unknown[0]!r}, not a linear of this model" if unknown else f"has group size {groupsizes}"
+            raise CheckpointError(f"{source}: its quantization record {what}; quantize the float checkpoint again")
     names = [name for name, kind in quantization["layers"].items() if kind != "float"]
     int8_groupsize = quantization.get("int8_groupsize")
     for name in tqdm(names, desc=f"quantizing to {quantization['mode']}", unit="layer", disable=not quantize_weights):
@@ -347,28 +363,25 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
                         int8_groupsize=None) -> Path:
     """`groupsize` is the int4 modes' (ignored by int8); `int8_groupsize` makes mode int8 grouped, not per channel."""
     start = time.perf_counter()
-    if not path.is_file():
-        raise ConversionError(f"checkpoint {path} not found")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("quantization"):
-        raise ConversionError(f"{path} is already quantized ({checkpoint['quantization']['mode']}); quantize the float checkpoint")
-    args = ModelArgs.from_dict(checkpoint["model_args"])
+    ckpt = checkpoint.load(path)
+    if ckpt.quantization:
+        raise UsageError(f"{path} is already quantized ({ckpt.quantization['mode']}); quantize the float checkpoint")
+    args = ckpt.args
     with torch.device("meta"):
         model = Transformer(args)
-    model.load_state_dict(checkpoint["state_dict"], assign=True, strict=not args.tie_word_embeddings)
-    model.tie_weights()
+    checkpoint.load_into(model, ckpt)
     if mode == "int8":
         groupsize = int8_groupsize  # names the file and the summary below
     quantization = plan(model, mode, groupsize, int8_groupsize if mode == "int8" else None)
     if all(kind == "float" for name, kind in quantization["layers"].items() if name != "output"):
-        raise ConversionError(f"no layer of this model can take group size {groupsize}: "
+        raise UsageError(f"no layer of this model can take group size {groupsize}: "
                               f"{next(iter(quantization['skipped'].values()))}; choose another --groupsize")
     hessians = None
     if mode == "int4-gptq":
         if calibration_file is not None and not Path(calibration_file).is_file():
-            raise ConversionError(f"calibration file {calibration_file} not found")
+            raise UsageError(f"calibration file {calibration_file} not found")
         if blocksize % groupsize:
-            raise ConversionError(f"--blocksize {blocksize} must be a multiple of --groupsize {groupsize}")
+            raise UsageError(f"--blocksize {blocksize} must be a multiple of --groupsize {groupsize}")
         model = model.float()  # calibration and GPTQ's algebra in float32
         sequences = calibration_sequences(model, path.parent, calibration_file, calibration_samples, calibration_length)
         int4_names = [name for name, kind in quantization["layers"].items() if kind == "int4"]
@@ -380,7 +393,7 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     state_dict = model.state_dict()
     suffix = f"{mode}.g{groupsize}" if groupsize else mode
     output = path.with_name(f"{path.stem}_{suffix}.pth")
-    save_checkpoint(output, args, state_dict, quantization)
+    checkpoint.save(output, args, state_dict, quantization)
     before, after = path.stat().st_size, output.stat().st_size
     if mode != "int8":
         detail = f" (group size {groupsize}; output projection int8)"
@@ -393,8 +406,8 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     return output
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, required=True)
     parser.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], required=True)
     parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES,
@@ -408,13 +421,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.calibration_samples < 1 or args.calibration_length < 2 or args.blocksize < 1 or not 0 <= args.damping < 1:
         parser.error("need --calibration_samples >= 1, --calibration_length >= 2, --blocksize >= 1, 0 <= --damping < 1")
-    try:
-        quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.calibration_file,
-                            args.calibration_samples, args.calibration_length, args.blocksize, args.damping,
-                            int8_groupsize=args.groupsize)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.calibration_file,
+                        args.calibration_samples, args.calibration_length, args.blocksize, args.damping,
+                        int8_groupsize=args.groupsize)
+
+
+def main(argv=None):
+    cli.run(run, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from cli import UsageError
+
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -17,6 +19,16 @@ def _read_json(path: Path) -> dict:
 def _token_text(value):
     # tokenizer_config.json stores special tokens as a string or as an AddedToken dict.
     return value.get("content") if isinstance(value, dict) else value
+
+
+def load_tokenizer(directory) -> "Tokenizer":
+    """The tokenizer beside a checkpoint; a missing or corrupt one is a one-line UsageError."""
+    try:
+        return Tokenizer(directory)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    except Exception as error:  # tokenizers/sentencepiece raise bare exceptions on a corrupt file
+        raise UsageError(f"cannot read the tokenizer in {directory} ({error}); convert the checkpoint again") from None
 
 
 class Tokenizer:

@@ -1,12 +1,13 @@
-"""Tensor parallel and pipeline stages across the processes torchrun starts (gloo on CPU, nccl on CUDA).
+"""Tensor parallel across the processes torchrun starts (gloo on CPU, nccl on CUDA), and the start-up,
+layout and communication counting that pipeline stages (pipeline.py) share with it.
 
     torchrun --standalone --nproc_per_node=2 generate.py --compile --checkpoint_path checkpoints/NAME/model.pth
-    torchrun --standalone --nproc_per_node=3 generate.py --pipeline_stages 10,10,12 --checkpoint_path ...
 
 model.py knows nothing of this file. `generate.load_model` builds the model on the meta device and assigns the
 memory-mapped weights; then, *before* the weights are converted to the run dtype or moved to the device,
-`Layout.shard` cuts out this rank's part. Slicing a memory-mapped tensor and copying the slice reads only that
-slice's pages, and modules a rank drops are never read at all, so a rank's memory is about its share of the model.
+`shard_tensor_parallel` (or pipeline.shard_pipeline) cuts out this rank's part. Slicing a memory-mapped
+tensor and copying the slice reads only that slice's pages, and modules a rank drops are never read at all,
+so a rank's memory is about its share of the model.
 
 Tensor parallel, in the Megatron style (every rank runs every layer on a slice of it):
   - wqkv keeps the output rows of this rank's whole heads: a contiguous block of KV heads and the query heads
@@ -22,21 +23,6 @@ Tensor parallel, in the Megatron style (every rank runs every layer on a slice o
     int4 rows take their scales and zeros, int4 columns must start and end on group boundaries.
   - Embedding, final norm and output projection are replicated: every rank computes the same logits, so every
     rank samples the same token (same seed) and no token needs to be sent.
-
-Pipeline stages, as in Jupiter (each rank runs a contiguous block of layers, e.g. 10,10,12):
-  - the rank keeps its slice of `model.layers` (the KV cache is built for those layers only);
-  - on later stages `tok_embeddings` becomes ReceiveActivations (the previous stage's hidden states);
-  - on earlier stages `norm` becomes SendActivations and `output` ReceiveLogits; the last stage's output
-    projection sends its logits to every other rank, so each rank again samples the same token;
-  - an eager prefill is split into one sub-sequence per stage (PipelineTransformer): sends are asynchronous,
-    so stage s works on sub-sequence i while stage s+1 works on i - 1. Causal attention over the KV cache
-    makes the split exact: each sub-sequence attends to the cache entries the earlier ones wrote.
-
-Under torch.compile (decode step, fullgraph): the functional all-reduce of torch.distributed compiles with
-inductor on CPU (gloo) in torch 2.13, cpp_wrapper included. Functional broadcast does not ("arg type Any is
-not yet supported by custom_op_wrapper") and there is no traceable send/recv, so under compile a pipeline
-transfer is an all-reduce over the two ranks in which the receiver contributes zeros: the same bytes per
-rank pair and an exact copy (x + 0 = x). Eager code (prefill) uses real send/recv.
 
 Communication is counted in small int64 buffers on the modules that communicate, incremented in place (so the
 count also runs inside a compiled graph): [one-token calls, longer calls] x [messages, bytes].
@@ -60,6 +46,7 @@ import torch.nn as nn
 from torch import Tensor
 
 import quantize
+from cli import UsageError
 from model import Transformer
 
 # Start-up (rendezvous, first barrier) must fail fast when a rank is missing. Generation collectives get a long
@@ -67,10 +54,9 @@ from model import Transformer
 STARTUP_TIMEOUT_S = float(os.environ.get("GPT_FAST_STARTUP_TIMEOUT", "60"))
 WORK_TIMEOUT = timedelta(minutes=30)
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-ACTIVATIONS, LOGITS = 0, 1  # message tags
 
 
-class DistributedError(Exception):
+class DistributedError(UsageError):
     """A launch or layout that cannot work: one line `error: ...` (from rank 0 only), exit code 2 on every rank."""
 
 
@@ -84,13 +70,6 @@ class Layout:
     group: object  # every rank, long timeout: generation collectives
     pipeline_stages: Optional[list] = None  # layers per stage; None means tensor parallel
     pairs: dict = field(default_factory=dict)  # pipeline: lower rank r -> group {r, r + 1}
-
-    def shard(self, model: Transformer) -> Transformer:
-        """Cut this rank's part out of a model whose weights are still memory-mapped (load_model's hook).
-        Any loaded Transformer goes through here, a draft model too, so both are split the same way."""
-        if self.pipeline_stages:
-            return shard_pipeline(model, self)
-        return shard_tensor_parallel(model, self)
 
 
 # ---------------------------------------------------------------- start-up
@@ -172,17 +151,6 @@ def silence(rank: int):
 def finish():
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def parse_stages(text: str) -> list:
-    """'10,10,12' -> [10, 10, 12]; ValueError with the reason otherwise."""
-    try:
-        stages = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--pipeline_stages {text!r} must be layer counts separated by commas, e.g. 10,10,12") from None
-    if any(n < 1 for n in stages):
-        raise ValueError(f"--pipeline_stages {text!r}: every stage needs at least one layer")
-    return stages
 
 
 def format_stages(stages: list) -> str:
@@ -363,177 +331,11 @@ def shard_tensor_parallel(model: Transformer, layout: Layout) -> Transformer:
     return model
 
 
-# ---------------------------------------------------------------- pipeline stages
+# ---------------------------------------------------------------- per-rank tables
 
 
-class Pipe:
-    """The links of one pipeline rank. Eager: point-to-point isend/irecv, kept pending until the forward ends.
-    Compiled: an all-reduce over the pair of ranks (or all ranks, for logits) in which receivers contribute zeros."""
-
-    def __init__(self, layout: Layout, stages: list):
-        self.rank, self.last, self.layout = layout.rank, len(stages) - 1, layout
-        self.pending = []
-
-    def send(self, x: Tensor, dst: int, counter: Tensor):
-        tally(counter, x)
-        if torch.compiler.is_compiling():
-            funcol.all_reduce(x, "sum", self.layout.pairs[min(self.rank, dst)])
-        else:
-            x = x.contiguous()
-            self.pending.append((dist.isend(x, dst, group=self.layout.group, tag=ACTIVATIONS), x))
-
-    def receive(self, shape, like: Tensor, src: int, counter: Tensor, wait: bool) -> Tensor:
-        buffer = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        tally(counter, buffer)
-        if torch.compiler.is_compiling():
-            return funcol.all_reduce(buffer, "sum", self.layout.pairs[min(self.rank, src)])
-        work = dist.irecv(buffer, src, group=self.layout.group, tag=ACTIVATIONS)
-        if wait:
-            work.wait()
-        else:
-            self.pending.append((work, buffer))
-        return buffer
-
-    def share_logits(self, logits: Tensor, counter: Tensor) -> Tensor:
-        """Last stage: its logits to every rank. Other ranks: logits is a zero buffer to receive into."""
-        tally(counter, logits)
-        if torch.compiler.is_compiling():
-            return funcol.all_reduce(logits, "sum", self.layout.group)
-        if self.rank == self.last:
-            for dst in range(self.last):
-                self.pending.append((dist.isend(logits, dst, group=self.layout.group, tag=LOGITS), logits))
-        else:  # waited for at the end of the forward, so the next prefill sub-sequence can start meanwhile
-            self.pending.append((dist.irecv(logits, self.last, group=self.layout.group, tag=LOGITS), logits))
-        return logits
-
-    def wait(self):
-        for work, _ in self.pending:
-            work.wait()
-        self.pending.clear()
-
-
-class ReceiveActivations(nn.Module):
-    """In place of the embedding on later stages: the previous stage's hidden states for these tokens."""
-
-    def __init__(self, pipe: Pipe, dim: int):
-        super().__init__()
-        self.pipe, self.dim = pipe, dim
-        # Transformer.forward reads the embedding's dtype (the run dtype): an empty table carries it.
-        self.register_buffer("weight", torch.empty(0, dim), persistent=False)
-        add_counter(self, "transfers")
-
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.pipe.receive((*idx.shape, self.dim), self.weight, self.pipe.rank - 1, self.transfers, wait=True)
-
-
-class SendActivations(nn.Module):
-    """In place of the final norm on earlier stages: hands the hidden states to the next stage."""
-
-    def __init__(self, pipe: Pipe):
-        super().__init__()
-        self.pipe = pipe
-        self.register_buffer("weight", torch.empty(0), persistent=False)  # setup_caches reads the norm's dtype/device
-        add_counter(self, "transfers")
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.pipe.send(x, self.pipe.rank + 1, self.transfers)
-        return x
-
-
-class ReceiveLogits(nn.Module):
-    """In place of the output projection on earlier stages: the last stage's logits."""
-
-    def __init__(self, pipe: Pipe, vocab_size: int):
-        super().__init__()
-        self.pipe, self.vocab_size = pipe, vocab_size
-        add_counter(self, "transfers")
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = torch.zeros(*x.shape[:-1], self.vocab_size, dtype=x.dtype, device=x.device)
-        return self.pipe.share_logits(logits, self.transfers)
-
-
-def share_output_logits(module: nn.Module, inputs, logits: Tensor, pipe: Pipe) -> Tensor:
-    return pipe.share_logits(logits, module.transfers)
-
-
-class PipelineTransformer(Transformer):
-    """A Transformer holding one pipeline stage. A long eager prefill runs as one sub-sequence per stage, so
-    that the stages overlap; every eager forward ends by waiting for its pending sends and receives.
-    Other forward arguments pass through untouched (a call with a mask or more arguments is not split).
-    A hidden state returned by the forward is the final normed one on the last stage only."""
-
-    prefill_chunks = 0  # 0: one sub-sequence per stage
-
-    def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return super().forward(idx, input_pos, mask, *args, **kwargs)
-        chunks = min(self.prefill_chunks or len(self.pipe_stages), idx.shape[1])
-        # Flags pass to every sub-sequence; a mask or other per-token tensors would need splitting too: not split.
-        per_token = mask is not None or args or any(isinstance(v, Tensor) for v in kwargs.values())
-        if per_token or chunks < 2:
-            outputs = [Transformer.forward(self, idx, input_pos, mask, *args, **kwargs)]
-        else:
-            bounds = [split(idx.shape[1], chunks, i) for i in range(chunks)]
-            outputs = [Transformer.forward(self, idx[:, a:b], input_pos[a:b], **kwargs) for a, b in bounds]
-        self.pipe.wait()
-        if len(outputs) == 1:
-            return outputs[0]
-        if isinstance(outputs[0], tuple):  # e.g. (logits, hidden): each part along the sequence
-            return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
-        return torch.cat(outputs, dim=1)
-
-
-def shard_pipeline(model: Transformer, layout: Layout) -> Transformer:
-    stages, rank, args = layout.pipeline_stages, layout.rank, model.args
-    if sum(stages) != args.n_layer:
-        raise DistributedError(f"--pipeline_stages {format_stages(stages)} sums to {sum(stages)} layers but the model has "
-                               f"{args.n_layer}: give layer counts that sum to {args.n_layer}")
-    start = sum(stages[:rank])
-    end = start + stages[rank]
-    pipe = Pipe(layout, stages)
-    # Only this stage's layers stay; the others' weights are never read from the file.
-    model.layers = nn.ModuleList(list(model.layers)[start:end])
-    holds = [f"layers {start}-{end - 1} of {args.n_layer}"]
-    if rank > 0:
-        model.tok_embeddings = ReceiveActivations(pipe, args.dim)
-    else:
-        holds.append("embedding")
-    if rank < pipe.last:
-        model.norm, model.output = SendActivations(pipe), ReceiveLogits(pipe, args.vocab_size)
-    else:
-        add_counter(model.output, "transfers")
-        model.output.register_forward_hook(functools.partial(share_output_logits, pipe=pipe))
-        holds.append("norm, output")
-    model.__class__ = PipelineTransformer
-    model.pipe, model.pipe_stages = pipe, stages
-    model.shard_description = ", ".join(holds)
-    return model
-
-
-# ---------------------------------------------------------------- per-rank memory
-
-
-def layer_weight_bytes(model: Transformer) -> int:
-    tensors = {id(t): t for name, t in [*model.layers.named_parameters(), *model.layers.named_buffers()]
-               if "kv_cache" not in name}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def memory_report(model: Transformer, layout: Layout, figures: dict) -> Optional[str]:
-    """One table on rank 0 with a row per rank (every rank must call this: it gathers)."""
-    row = {**figures, "rank": layout.rank, "holds": getattr(model, "shard_description", ""),
-           "layer_bytes": layer_weight_bytes(model)}
+def gather_rows(row: dict, layout: Layout) -> Optional[list]:
+    """Every rank's `row` on rank 0 (None elsewhere); every rank must call this."""
     rows = [None] * layout.world_size
     dist.all_gather_object(rows, row)
-    if layout.rank != 0:
-        return None
-    lines = ["| rank | holds | layer weights | model memory | KV cache memory | peak memory |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['rank']} | {r['holds']} | {r['layer_bytes'] / 1e6:.2f} MB | {r['model_bytes'] / 1e6:.2f} MB "
-                     f"| {r['cache_bytes'] / 1e6:.2f} MB | {r['peak_bytes'] / 1e6:.0f} MB |")
-    total = {key: sum(r[key] for r in rows) for key in ("layer_bytes", "model_bytes", "cache_bytes", "peak_bytes")}
-    lines.append(f"| all | {rows[0]['parameters'] / 1e6:.1f} M parameters | {total['layer_bytes'] / 1e6:.2f} MB "
-                 f"| {total['model_bytes'] / 1e6:.2f} MB | {total['cache_bytes'] / 1e6:.2f} MB | {total['peak_bytes'] / 1e6:.0f} MB |")
-    return "\n".join(lines)
+    return rows if layout.rank == 0 else None

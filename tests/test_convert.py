@@ -1,5 +1,6 @@
 """Converter: every HF weight layout gives the same checkpoint; GGUF matches transformers' own GGUF loader;
 bad input is one line, exit code 2 and no model.pth."""
+import errno
 import json
 import shutil
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 import convert_hf_checkpoint
-from convert_hf_checkpoint import convert, load_checkpoint, main, unpermute_rope_rows
+import checkpoint as checkpoint_format
+from convert_hf_checkpoint import convert, main, unpermute_rope_rows
 
 
 def state_dict_of(path):
-    return load_checkpoint(path)["state_dict"]
+    return checkpoint_format.load(path).state_dict
 
 
 def save_bin_layout(hf_model, folder, shards: int):
@@ -49,10 +51,10 @@ def test_dtype_flag_and_tokenizer_files_copied(tiny_models, tmp_path):
     shutil.copytree(folder, source, ignore=shutil.ignore_patterns("model.pth"))
     (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 4]}))
     out = convert(checkpoint_dir=source, dtype=torch.bfloat16)
-    checkpoint = load_checkpoint(out)
-    assert {t.dtype for t in checkpoint["state_dict"].values()} == {torch.bfloat16}
-    assert "output.weight" not in checkpoint["state_dict"]  # tied: stored once
-    assert checkpoint["model_args"]["tie_word_embeddings"] is True
+    checkpoint = checkpoint_format.load(out)
+    assert {t.dtype for t in checkpoint.state_dict.values()} == {torch.bfloat16}
+    assert "output.weight" not in checkpoint.state_dict  # tied: stored once
+    assert checkpoint.args.tie_word_embeddings is True
 
 
 def run_main(argv, capsys):
@@ -108,12 +110,13 @@ def test_failed_write_leaves_no_checkpoint(tiny_models, tmp_path, monkeypatch):
     _, folder, _ = tiny_models["llama"]
     shutil.copytree(folder, tmp_path / "m", ignore=shutil.ignore_patterns("model.pth"))
 
-    def failing_save(obj, path):
-        open(path, "wb").write(b"partial")
-        raise OSError("No space left on device")
+    def failing_save(obj, file):  # torch.save reports a failed write as a RuntimeError about zip positions
+        file.write(b"partial")
+        file.error = OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 640 vs 534")
 
-    monkeypatch.setattr(convert_hf_checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(checkpoint_format.torch, "save", failing_save)
+    with pytest.raises(checkpoint_format.CheckpointError, match="could not write .*No space left on device"):
         convert(checkpoint_dir=tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").glob("model.pth*")) == []
 

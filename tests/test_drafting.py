@@ -7,8 +7,11 @@ import torch
 
 import generate
 from conftest import build_hf_model, family_configs
-from convert_hf_checkpoint import ConversionError, convert
-from generate import generate as generate_tokens, load_model, logits_to_probs, speculative_decode
+from checkpoint import CheckpointError
+from convert_hf_checkpoint import convert
+from drafting import MedusaDrafter, SpeculativeDrafter, medusa_decode, speculative_decode
+from generate import generate as generate_tokens, load_model
+from sampling import logits_to_probs
 from medusa import MedusaHeads, build_tree, load_medusa_heads, parse_tree, tree_attention_mask
 from quantize import quantize_checkpoint
 from test_generate import main_exit, run_cli
@@ -33,7 +36,7 @@ def test_greedy_speculative_equals_greedy(family, tiny_models, tmp_path):
     for name, draft in drafts.items():
         for k in (1, 4):
             timings = {}
-            drafted = generate_tokens(model, prompt, 40, draft_model=draft, speculate_k=k, timings=timings)
+            drafted = generate_tokens(model, prompt, 40, drafter=SpeculativeDrafter(draft, k), timings=timings)
             assert torch.equal(drafted, plain), (name, k)
             acceptance[name, k] = sum(timings["accepted"]) / len(timings["accepted"])
     # Both branches really ran: the int4 copy agrees often (bonus tokens), the stranger rarely (rejections).
@@ -180,7 +183,7 @@ def test_greedy_medusa_equals_greedy(family, tiny_models):
     accepted = []
     for name in ("chain1", "chain3", "tree4", "tree8", "mc_sim_7b_63"):
         timings = {}
-        drafted = generate_tokens(model, prompt, 40, medusa_heads=heads, medusa_tree=parse_tree(name), timings=timings)
+        drafted = generate_tokens(model, prompt, 40, drafter=MedusaDrafter(heads, parse_tree(name)), timings=timings)
         assert torch.equal(drafted, plain), name
         accepted += timings["accepted"]
     assert 0 < sum(accepted) < 40 * 5  # paths were both kept and cut
@@ -206,7 +209,7 @@ def test_medusa_keeps_the_accepted_path_in_the_cache(tiny_models, wrong_rank):
         if wrong_rank is not None:
             head_logits[wrong_rank, (continuation[wrong_rank] + 1) % 256] = 20.0
         model(prefix, torch.arange(9))
-        produced, accepted, _ = generate.medusa_decode(model, heads, tree, cur, head_logits, 9)
+        produced, accepted, _ = medusa_decode(model, heads, tree, cur, head_logits, 9)
         assert accepted == (4 if wrong_rank is None else 3)
         assert torch.equal(produced, continuation[: accepted + 1])
         kept = torch.cat([cur[0], produced[:-1]])
@@ -239,13 +242,13 @@ def test_published_head_layout_loads_and_mismatches_are_refused(tiny_models, tmp
 
     state_dict["1.1.weight"] = torch.randn(300, 64)  # another vocabulary
     torch.save(state_dict, folder / "medusa_lm_head.pt")
-    with pytest.raises(ConversionError, match="vocabulary size"):
+    with pytest.raises(CheckpointError, match="vocabulary size"):
         load_medusa_heads(folder, model.args)
     for key in list(state_dict):
         state_dict[key] = torch.randn(*[48 if n == 64 else n for n in state_dict[key].shape])  # another hidden size
     state_dict["1.1.weight"] = torch.randn(256, 48)
     torch.save(state_dict, folder / "medusa_lm_head.pt")
-    with pytest.raises(ConversionError, match="hidden size"):
+    with pytest.raises(CheckpointError, match="hidden size"):
         load_medusa_heads(folder, model.args)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import generate
-from generate import logits_to_probs, sample
+import kernels
+from sampling import logits_to_probs, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,7 +128,7 @@ def test_decode_linear_equals_linear(bias):
     reference = linear(torch.randn(3, 5, 48))
     decode = torch.nn.Linear(48, 40, bias=bias)
     decode.load_state_dict(linear.state_dict())
-    decode.__class__ = generate.DecodeLinear
+    decode.__class__ = kernels.DecodeLinear
     x = torch.randn(3, 1, 48)
     assert torch.allclose(decode(x), linear(x), atol=1e-5)
     x = torch.randn(3, 5, 48)  # prefill-shaped input takes the matmul
@@ -149,7 +150,7 @@ def test_grouped_query_attention_equals_repeated_heads():
     reference = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
     assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)
-    attention.__class__ = generate.DecodeAttention  # the CPU compiled decode's version, one query row
+    attention.__class__ = kernels.DecodeAttention  # the CPU compiled decode's version, one query row
     assert torch.allclose(attention.attend(q[:, :, :1], k, v, mask[:, :, :1]), reference[:, :, :1], atol=1e-5)
     assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)  # longer: falls back to SDPA
 

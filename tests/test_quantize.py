@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import quantize
-from convert_hf_checkpoint import convert, load_checkpoint
+import checkpoint as checkpoint_format
+from convert_hf_checkpoint import convert
 from generate import generate, load_model
 from quantize import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, main, quantize_checkpoint, unpack_int4
 
@@ -59,7 +60,7 @@ def test_quantize_save_load_generate(mode, int8_groupsize, name, tiny_models):
     _, _, checkpoint = tiny_models["qwen2"]
     output = quantize_checkpoint(checkpoint, mode, 32, int8_groupsize=int8_groupsize)
     assert output.name == name
-    record = load_checkpoint(output)["quantization"]
+    record = checkpoint_format.load(output).quantization
     assert record["mode"] == mode and record["int8_groupsize"] == int8_groupsize
     float_model, quantized = load_model(checkpoint, "cpu", torch.float32), load_model(output, "cpu", torch.float32)
     assert any(isinstance(m, Int8Linear if mode == "int8" else Int4Linear) for m in quantized.modules())
@@ -84,7 +85,7 @@ def test_grouped_int8_from_the_command_line(tiny_models, capsys):
     main(["--checkpoint_path", str(checkpoint), "--mode", "int8", "--groupsize", "64"])
     assert "group size 64" in capsys.readouterr().out
     output = checkpoint.parent / "model_int8.g64.pth"
-    record = load_checkpoint(output)["quantization"]
+    record = checkpoint_format.load(output).quantization
     assert record["int8_groupsize"] == 64 and record["layers"]["layers.0.feed_forward.w2"] == "float"
     model = load_model(output, "cpu", torch.float32)
     assert model.layers[0].feed_forward.w1.scales.shape == (96, 1)
@@ -116,7 +117,7 @@ def test_layers_a_kernel_cannot_take_stay_float(tiny_models, capsys):
     """Group size 64 fits in_features 64 but not the MLP's 96: those layers stay float and the summary says so."""
     _, _, checkpoint = tiny_models["qwen3"]
     output = quantize_checkpoint(checkpoint, "int4", 64)
-    plan = load_checkpoint(output)["quantization"]
+    plan = checkpoint_format.load(output).quantization
     assert plan["layers"]["layers.0.feed_forward.w2"] == "float" and "not a multiple of group size 64" in plan["skipped"]["layers.0.feed_forward.w2"]
     assert plan["layers"]["layers.0.feed_forward.w1"] == "int4"
     assert "left in float: layers.0.feed_forward.w2" in capsys.readouterr().out
@@ -128,11 +129,11 @@ def test_layers_a_kernel_cannot_take_stay_float(tiny_models, capsys):
 def test_gguf_q4_1_imported_without_float_round_trip(smollm2_gguf, smollm2_checkpoint, tmp_path):
     """Q4_1 blocks become our int4 g32 exactly: dequantized, they are the float conversion's weights."""
     kept = convert(gguf=smollm2_gguf, checkpoint_dir=tmp_path, keep_quantization=True)
-    checkpoint, reference = load_checkpoint(kept), load_checkpoint(smollm2_checkpoint)["state_dict"]
-    layers = checkpoint["quantization"]["layers"]
+    checkpoint, reference = checkpoint_format.load(kept), checkpoint_format.load(smollm2_checkpoint).state_dict
+    layers = checkpoint.quantization["layers"]
     # per layer: wqkv (fused from Q4_1 q, k, v), wo, w1, w3, w2; and the output from the tied Q8_0 embedding
     assert len(layers) == 30 * 5 + 1 and layers.pop("output") == "int8"
-    sd = checkpoint["state_dict"]
+    sd = checkpoint.state_dict
     for prefix in layers:
         weight = dequantize_int4(unpack_int4(sd[f"{prefix}.weight"]), sd[f"{prefix}.scales"], sd[f"{prefix}.zeros"], 32)
         assert torch.equal(weight, reference[f"{prefix}.weight"]), prefix
@@ -157,11 +158,11 @@ def test_gguf_q8_0_imported_without_float_round_trip(smollm2_gguf, tmp_path):
     kept = convert(gguf=q8_0, checkpoint_dir=tmp_path / "kept", keep_quantization=True)
     float_checkpoint = convert(gguf=q8_0, checkpoint_dir=tmp_path / "float")
     assert kept.name == "model_int8.g32.pth"
-    checkpoint, reference = load_checkpoint(kept), load_checkpoint(float_checkpoint)["state_dict"]
-    record = checkpoint["quantization"]
+    checkpoint, reference = checkpoint_format.load(kept), checkpoint_format.load(float_checkpoint).state_dict
+    record = checkpoint.quantization
     assert record["mode"] == "int8" and record["int8_groupsize"] == 32
     assert set(record["layers"].values()) == {"int8"} and len(record["layers"]) == 30 * 5 + 1  # + the tied output
-    sd = checkpoint["state_dict"]
+    sd = checkpoint.state_dict
     assert sd["output.scales"].shape == (49152, 576 // 32)
     for prefix in record["layers"]:
         source = reference["tok_embeddings.weight" if prefix == "output" else f"{prefix}.weight"]
@@ -220,14 +221,14 @@ def test_gptq_self_calibrated_round_trip(tiny_models):
     """With no calibration file the model writes its own calibration text; the file loads and generates."""
     _, _, checkpoint = tiny_models["qwen3"]
     output = quantize_checkpoint(checkpoint, "int4-gptq", 32, calibration_samples=2, calibration_length=16)
-    record = load_checkpoint(output)["quantization"]
+    record = checkpoint_format.load(output).quantization
     assert output.name == "model_int4-gptq.g32.pth" and record["calibration"] == "self-generated"
     assert record["calibration_tokens"] == 32
     assert generate(load_model(output, "cpu", torch.float32), torch.arange(4), 6).shape == (1, 10)
 
 
 def test_memory_report_shows_the_smaller_model(tiny_models):
-    from generate import memory_report
+    from memory import memory_report
 
     _, _, checkpoint = tiny_models["mistral"]
     reports = {}

@@ -17,6 +17,8 @@ import torch
 
 import generate
 import quantize
+import memory
+import pipeline
 import tp
 import tp_worker
 
@@ -78,11 +80,11 @@ def test_int4_columns_off_group_boundaries_are_refused():
 
 
 def test_stage_lists():
-    assert tp.parse_stages("10,10,12") == [10, 10, 12]
+    assert pipeline.parse_stages("10,10,12") == [10, 10, 12]
     with pytest.raises(ValueError, match="layer counts separated by commas"):
-        tp.parse_stages("10;22")
+        pipeline.parse_stages("10;22")
     with pytest.raises(ValueError, match="at least one layer"):
-        tp.parse_stages("0,32")
+        pipeline.parse_stages("0,32")
     assert [tp.split(9, 2, r) for r in range(2)] == [(0, 4), (4, 9)]
 
 
@@ -192,7 +194,7 @@ def test_cli_output_and_memory_report(smollm2_checkpoint, flags):
     assert [rank for rank, _ in rows] == ["0", "1", "all"]
     total = rows[2][1]
     model = generate.load_model(smollm2_checkpoint, "cpu", torch.float32)
-    assert abs(total - tp.layer_weight_bytes(model) / 1e6) < 0.01 * total  # the shares add up to the whole
+    assert abs(total - memory.layer_weight_bytes(model) / 1e6) < 0.01 * total  # the shares add up to the whole
     for _, layer_mb in rows[:2]:
         assert 0.4 * total < layer_mb < 0.6 * total
 

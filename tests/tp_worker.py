@@ -74,9 +74,9 @@ def main(cases_path: str, results_path: str):
     for case in cases:
         float32_kernels(case.get("float32_kernels", False))
         case_layout = dataclasses.replace(layout, pipeline_stages=case["stages"])
-        model = generate.load_model(case["checkpoint"], "cpu", torch.float32, shard=case_layout.shard)
+        model = generate.load_model(case["checkpoint"], "cpu", torch.float32, shard=generate.shard_for(case_layout))
         if case.get("draft"):
-            draft = generate.load_model(case["draft"], "cpu", torch.float32, shard=case_layout.shard)
+            draft = generate.load_model(case["draft"], "cpu", torch.float32, shard=generate.shard_for(case_layout))
             results[case["name"]] = {"tokens": speculative_greedy(model, draft, case["prompt"], case["new_tokens"])}
         else:
             tokens, logits = run_case(model, case["prompt"], case["new_tokens"])

@@ -1,0 +1,109 @@
+"""Memory accounting in one place: bytes read per decoded token, what a model, its KV cache and the process
+hold, whether a KV cache fits before it is allocated, and the --report_memory tables (one row, or a row per
+rank under torchrun)."""
+import os
+import resource
+
+import torch
+
+from cli import UsageError
+from model import Transformer
+
+CACHE_BUFFERS = ("kv_cache", "rope_", "causal_mask", "window_mask")
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of weights read per decoded token: every weight (quantized buffers too), counted once, except
+    the embedding table, of which a token reads one row, unless it doubles as the output projection."""
+    tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if not any(part in name for part in CACHE_BUFFERS)}
+    if getattr(model.output, "weight", None) is not model.tok_embeddings.weight:
+        tensors.pop(id(model.tok_embeddings.weight), None)
+    return tensor_bytes(tensors.values())
+
+
+def layer_weight_bytes(model: Transformer) -> int:
+    """Bytes of the transformer blocks' weights (what a tensor-parallel rank or a pipeline stage splits)."""
+    tensors = {id(t): t for name, t in [*model.layers.named_parameters(), *model.layers.named_buffers()]
+               if "kv_cache" not in name}
+    return tensor_bytes(tensors.values())
+
+
+def cache_bytes(model: Transformer, batch_size: int, max_seq_length: int) -> int:
+    """What setup_caches will allocate: K and V per layer (this rank's heads), the rope tables and the
+    [max_seq_length]^2 boolean masks (which dominate for very long caches)."""
+    dtype = model.norm.weight.dtype if model.norm.weight.dtype.is_floating_point else torch.float32
+    element = torch.empty(0, dtype=dtype).element_size()
+    kv = sum(2 * batch_size * layer.attention.n_local_heads * max_seq_length * layer.attention.head_dim * element
+             for layer in model.layers)
+    rope = 2 * max_seq_length * model.args.head_dim * 4
+    masks = max_seq_length ** 2 * (2 if model.args.sliding_window else 1)
+    return kv + rope + masks
+
+
+def available_bytes(device) -> int:
+    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_cache_fits(models: list, batch_size: int, max_seq_length: int, device):
+    """Refuse, with both numbers, a KV cache that cannot be allocated, before trying to."""
+    needed = sum(cache_bytes(model, batch_size, max_seq_length) for model in models)
+    free = available_bytes(device)
+    if needed > 0.9 * free:
+        raise UsageError(f"the KV cache for {max_seq_length} positions (batch {batch_size}) needs {needed / 1e9:.1f} GB "
+                         f"but this machine has {free / 1e9:.1f} GB free; lower --max_seq_length or --batch_size")
+
+
+def peak_memory_gb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def memory_figures(model: Transformer, device) -> dict:
+    """Parameter count (of the whole model), resident weights, KV cache and peak memory of this process."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in Transformer(model.args).parameters())  # logical count, any precision
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    caches = {id(t) for layer in model.layers if layer.attention.kv_cache is not None
+              for t in layer.attention.kv_cache.buffers()}
+    rope_and_masks = {id(t) for name, t in model.named_buffers() if name.startswith(CACHE_BUFFERS[1:])}
+    return dict(parameters=parameters, cache_bytes=tensor_bytes(tensors[i] for i in caches),
+                model_bytes=tensor_bytes(t for i, t in tensors.items() if i not in caches | rope_and_masks),
+                layer_bytes=layer_weight_bytes(model), peak_bytes=peak_memory_gb(device) * 1e9)
+
+
+def memory_report(model: Transformer, device) -> str:
+    """memory_figures as one markdown table row."""
+    f = memory_figures(model, device)
+    return ("| parameters | model memory | KV cache memory | peak memory |\n|---:|---:|---:|---:|\n"
+            f"| {f['parameters'] / 1e6:.1f} M | {f['model_bytes'] / 1e6:.2f} MB | {f['cache_bytes'] / 1e6:.1f} MB "
+            f"| {f['peak_bytes'] / 1e6:.0f} MB |")
+
+
+def rank_memory_table(rows: list) -> str:
+    """One table with a row per rank: each row is a rank's memory_figures plus its "rank" and "holds"."""
+    lines = ["| rank | holds | layer weights | model memory | KV cache memory | peak memory |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['rank']} | {r['holds']} | {r['layer_bytes'] / 1e6:.2f} MB | {r['model_bytes'] / 1e6:.2f} MB "
+                     f"| {r['cache_bytes'] / 1e6:.2f} MB | {r['peak_bytes'] / 1e6:.0f} MB |")
+    total = {key: sum(r[key] for r in rows) for key in ("layer_bytes", "model_bytes", "cache_bytes", "peak_bytes")}
+    lines.append(f"| all | {rows[0]['parameters'] / 1e6:.1f} M parameters | {total['layer_bytes'] / 1e6:.2f} MB "
+                 f"| {total['model_bytes'] / 1e6:.2f} MB | {total['cache_bytes'] / 1e6:.2f} MB | {total['peak_bytes'] / 1e6:.0f} MB |")
+    return "\n".join(lines)
