@@ -11,6 +11,7 @@ file as such. Writes go to a temporary name, are fsync'ed and renamed (`atomic_o
 or Ctrl-C never leaves a half-written file under the final name.
 """
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,10 @@ def atomic_output(path):
         finally:
             os.close(directory)
     except OSError as error:
-        raise CheckpointError(f"could not write {path} ({error.strerror or error}); nothing was written: "
-                              "free some space or choose another folder") from None
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        raise CheckpointError(f"could not write {path}: {'no space left on the device, ' if full else ''}"
+                              f"{error.strerror or error}; nothing was written: free some space or choose another "
+                              "folder") from None
     finally:
         tmp.unlink(missing_ok=True)
 

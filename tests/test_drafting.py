@@ -310,3 +310,82 @@ def test_smollm2_trained_heads_compiled_medusa_equals_greedy(smollm2_checkpoint,
         assert medusa.returncode == 0, medusa.stderr
         assert medusa.stdout == plain.stdout, tree
         assert "Acceptance:" in medusa.stderr
+
+
+# ---------------------------------------------------------------- stub models: each branch pinned exactly
+
+
+class CountingModel(torch.nn.Module):
+    """A stub whose logits at each position are fixed by the token there: the next token is rule(token). Its
+    hidden state is the token one-hot (what stub Medusa heads read). It keeps no cache: nothing to go stale."""
+
+    def __init__(self, rule, vocab_size=64):
+        super().__init__()
+        self.rule, self.vocab_size, self.layers, self.max_seq_length = rule, vocab_size, [], 64
+
+    def forward(self, idx, input_pos, mask=None, cache_pos=None, return_hidden=False):
+        hidden = torch.nn.functional.one_hot(idx, self.vocab_size).float()
+        logits = torch.nn.functional.one_hot(self.rule(idx) % self.vocab_size, self.vocab_size).float() * 10
+        return (logits, hidden) if return_hidden else logits
+
+
+class GuessingHeads(torch.nn.Module):
+    """Stub Medusa heads: from the hidden state of token t, head j guesses guess(t, j) (truth: t + 2 + j)."""
+
+    def __init__(self, guess, num_heads=3, vocab_size=64):
+        super().__init__()
+        self.guess, self.num_heads, self.vocab_size = guess, num_heads, vocab_size
+
+    def __len__(self):
+        return self.num_heads
+
+    def forward(self, hidden):
+        token = hidden.argmax(-1)  # [rows]
+        guesses = torch.stack([self.guess(token, j) % self.vocab_size for j in range(self.num_heads)], dim=-1)
+        return torch.nn.functional.one_hot(guesses, self.vocab_size).float()  # [rows, heads, vocab]
+
+
+def plus_one(token):
+    return token + 1
+
+
+def run_recording_steps(drafter, new_tokens=13):
+    """generate() with the counting target from token 0; the tokens each drafting step produced."""
+    steps, step = [], drafter.step
+
+    def recording_step(*args, **kwargs):
+        produced, accepted = step(*args, **kwargs)
+        steps.append((produced.tolist(), accepted))
+        return produced, accepted
+
+    drafter.step = recording_step
+    output = generate_tokens(CountingModel(plus_one), torch.tensor([0]), new_tokens, drafter=drafter)
+    assert output[0].tolist() == list(range(new_tokens + 1))  # exactly plain greedy: 0, 1, 2, ...
+    return steps
+
+
+@pytest.mark.parametrize("case, draft_rule, expected", [
+    # The draft agrees with the target: all 3 drafts kept plus the target's bonus token, 4 tokens per step.
+    ("always", plus_one, [([2, 3, 4, 5], 3), ([6, 7, 8, 9], 3), ([10, 11, 12, 13], 3)]),
+    # The draft is always wrong: each step yields the target's own token only.
+    ("never", lambda t: t + 2, [([t], 0) for t in range(2, 14)]),
+    # Wrong after tokens 2, 5, 8, ... (t % 3 == 2): from cur 1 the drafts are 2, 4 (wrong), 5: one kept and the
+    # target's 3; from cur 3, 6, 9, 12 two kept and the third replaced. The last step's 14, 15 are cut at 13 tokens.
+    ("sometimes", lambda t: torch.where(t % 3 == 2, t + 2, t + 1),
+     [([2, 3], 1), ([4, 5, 6], 2), ([7, 8, 9], 2), ([10, 11, 12], 2), ([13, 14, 15], 2)]),
+])
+def test_speculative_steps_with_stub_models(case, draft_rule, expected):
+    """First token 1 comes from prefill; then each step from cur_token: drafts, verification, kept tokens."""
+    assert run_recording_steps(SpeculativeDrafter(CountingModel(draft_rule), speculate_k=3)) == expected
+
+
+@pytest.mark.parametrize("case, guess, expected", [
+    ("always", lambda t, j: t + 2 + j, [([2, 3, 4, 5], 3), ([6, 7, 8, 9], 3), ([10, 11, 12, 13], 3)]),
+    ("never", lambda t, j: t + 7, [([t], 0) for t in range(2, 14)]),
+    # Head 1 is wrong from the hidden state of tokens 4, 7, 10 (t % 3 == 1): from t = 0 all three kept (cur 1:
+    # 2, 3, 4 and the target's 5); from t = 4 only head 0's 6, then the target's 7; from t = 6 all three; t = 10 one.
+    ("sometimes", lambda t, j: torch.where((j == 1) & (t % 3 == 1), t + 9, t + 2 + j),
+     [([2, 3, 4, 5], 3), ([6, 7], 1), ([8, 9, 10, 11], 3), ([12, 13], 1)]),
+])
+def test_medusa_steps_with_stub_heads(case, guess, expected):
+    assert run_recording_steps(MedusaDrafter(GuessingHeads(guess), parse_tree("chain3"))) == expected

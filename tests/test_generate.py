@@ -184,3 +184,32 @@ def test_bench_unknown_row(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--rows", "ours-int3"])
     assert exit_info.value.code == 2 and "unknown row 'ours-int3'" in capsys.readouterr().err
+
+
+def test_dtype_the_device_cannot_run(tiny_models, monkeypatch, capsys):
+    """A 16-bit type without kernels on the device (old GPUs, some CPU builds) is refused before loading."""
+    _, _, checkpoint = tiny_models["llama"]
+    matmul = torch.Tensor.__matmul__
+
+    def no_float16(a, b):
+        if a.dtype == torch.float16:
+            raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", no_float16)
+    code, err = main_exit(["--checkpoint_path", checkpoint, "--dtype", "float16"], capsys)
+    assert code == 2 and "--dtype float16 cannot run on cpu" in err and "use --dtype float32" in err
+    assert "Loaded" not in err
+
+
+def test_ignore_eos_never_checks_for_a_stop(tiny_models, monkeypatch):
+    """With no stop ids (--ignore_eos, benchmarks) the decode loop runs no per-token stop check (a device sync
+    on CUDA); with stop ids it checks every token."""
+    _, _, checkpoint = tiny_models["llama"]
+    model = generate.load_model(checkpoint, "cpu", torch.float32)
+    calls, isin = [], torch.isin
+    monkeypatch.setattr(generate.torch, "isin", lambda *a, **k: calls.append(1) or isin(*a, **k))
+    generate.generate(model, torch.arange(4), 10, stop_ids=())
+    unchecked = len(calls)
+    generate.generate(model, torch.arange(4), 10, stop_ids=(300,))
+    assert unchecked == 1 and len(calls) - unchecked == 1 + 9  # the prefill token's check, then one per decoded token
