@@ -7,7 +7,7 @@ Weights are kept in the HF layout (q/k rows in "rotate half" order) so numerics 
 HF transformers, which is our oracle. No I/O and no CLI live here.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch

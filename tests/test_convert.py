@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-import convert_hf_checkpoint
 import checkpoint as checkpoint_format
 from convert_hf_checkpoint import convert, main, unpermute_rope_rows
 

@@ -5,15 +5,14 @@ import shutil
 import pytest
 import torch
 
-import generate
-from conftest import build_hf_model, family_configs
 from checkpoint import CheckpointError
+from conftest import build_hf_model, family_configs
 from convert_hf_checkpoint import convert
 from drafting import MedusaDrafter, SpeculativeDrafter, medusa_decode, speculative_decode
 from generate import generate as generate_tokens, load_model
-from sampling import logits_to_probs
 from medusa import MedusaHeads, build_tree, load_medusa_heads, parse_tree, tree_attention_mask
 from quantize import quantize_checkpoint
+from sampling import logits_to_probs
 from test_generate import main_exit, run_cli
 
 

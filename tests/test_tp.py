@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import generate
-import quantize
 import memory
 import pipeline
+import quantize
 import tp
 import tp_worker
 
