@@ -1,14 +1,21 @@
 """Drafting strategies: cheap guesses of the next few tokens that the target checks in one forward.
 
+    PromptLookupDrafter(k)               the tokens that followed an earlier occurrence of the last few tokens
+                                         (HF transformers' prompt_lookup_num_tokens; no draft model)
     SpeculativeDrafter(draft_model, k)   a smaller model proposes k tokens (Leviathan et al. 2023; Chen et al. 2023)
     MedusaDrafter(heads, tree)           extra heads on the target propose a tree of candidates (Cai et al. 2024)
 
-generate.generate(model, prompt, n, drafter=...) runs either through `drafted_decode_n_tokens`. Each step
-returns the tokens it produced (1 + the accepted drafts) and how many drafts were accepted. Greedy, both give
-exactly plain greedy decoding's tokens; sampling, speculative decoding draws from exactly the target's
-distribution (Medusa's typical acceptance is its own approximation). Verification is the model's one forward
-with several positions, and a tree mask for Medusa: no attention code of its own. Batch 1.
+generate.generate(model, prompt, n, drafter=...) runs each through `drafted_decode_n_tokens`. Each step
+returns the tokens it produced (1 + the accepted drafts) and how many drafts were accepted. Greedy, all give
+exactly plain greedy decoding's tokens; sampling, prompt lookup and speculative decoding draw from exactly the
+target's distribution (Medusa's typical acceptance is its own approximation). Verification is the model's one
+forward with several positions, and a tree mask for Medusa: no attention code of its own. Batch 1.
+
+Prompt lookup and speculative decoding adapt their draft length as they go (DraftLength): longer after steps
+whose drafts were all accepted, shorter after rejections, and no drafting at all for a while when drafted steps
+cost more time per produced token than plain ones, measured as they run.
 """
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,30 +40,98 @@ def propose(heads: MedusaHeads, hidden: Tensor) -> Tensor:
     return heads(hidden.view(1, -1))[0]
 
 
-draft_one_token = decode_one_token  # rebound to compiled versions by compile_drafting, as generate.py does
-EAGER_FUNCTIONS = {"draft_one_token": decode_one_token, "verify": verify, "propose": propose}
+EAGER_FUNCTIONS = {"verify": verify, "propose": propose}
 
 
-def compile_drafting(mode: Optional[str] = None):
-    """Compile the draft's decode step, verification (a fixed number of positions: one static graph) and the
-    Medusa heads' proposal. Always from the eager originals, so that compiling twice does not nest."""
-    global draft_one_token, verify, propose
-    draft_one_token = torch.compile(EAGER_FUNCTIONS["draft_one_token"], mode=mode, fullgraph=True)
+def compile_drafting():
+    """Compile verification (one graph; the number of positions becomes dynamic once it varies) and the Medusa
+    heads' proposal. Always from the eager originals, so that compiling twice does not nest. One-token steps
+    (the draft model's, plain steps between drafts) use the decode step generate.py compiled."""
+    global verify, propose
     verify = torch.compile(EAGER_FUNCTIONS["verify"], fullgraph=True)
     propose = torch.compile(EAGER_FUNCTIONS["propose"], fullgraph=True)
 
 
 def use_eager_drafting():
-    global draft_one_token, verify, propose
-    draft_one_token, verify, propose = EAGER_FUNCTIONS.values()
+    global verify, propose
+    verify, propose = EAGER_FUNCTIONS.values()
+
+
+def accept_drafts(target_logits: Tensor, draft_tokens: Tensor, draft_probs: Optional[Tensor] = None, **sampling):
+    """How many of draft_tokens [k] the target keeps, given its logits [k + 1, vocab] after the token before
+    them and after each, and the next token: a correction at the first rejection, or a bonus token.
+
+    Greedy keeps drafts while they are the target's argmax. Sampling keeps draft i with probability
+    min(1, p_target / p_draft) and, at the first rejection, samples normalize(max(0, p_target - p_draft)):
+    exactly the target's distribution. draft_probs [k, vocab] is None for drafts that were certain (prompt
+    lookup): p_draft = 1 at the drafted token."""
+    k = len(draft_tokens)
+    if sampling.get("temperature", 0) <= 0:
+        target_tokens = target_logits.argmax(dim=-1)
+        accepted = int(torch.cumprod(draft_tokens == target_tokens[:-1], dim=0).sum())
+        return accepted, target_tokens[accepted]
+    target_probs = logits_to_probs(target_logits, **sampling)
+    if draft_probs is None:
+        draft_probs = torch.nn.functional.one_hot(draft_tokens, target_probs.shape[-1]).to(target_probs.dtype)
+    rows = torch.arange(k, device=draft_tokens.device)
+    p_target, p_draft = target_probs[rows, draft_tokens], draft_probs[rows, draft_tokens]
+    keep = torch.rand(k, device=draft_tokens.device) * p_draft < p_target
+    accepted = int(torch.cumprod(keep, dim=0).sum())
+    if accepted == k:  # all kept: a bonus token from the target's last position
+        probs = target_probs[-1]
+    else:  # the rejected token's mass goes back
+        probs = (target_probs[accepted] - draft_probs[accepted]).clamp(min=0)
+        probs = probs / probs.sum()
+    return accepted, torch.multinomial(probs, 1)[0]
+
+
+def plain_step(model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, **sampling):
+    """One ordinary decode step, for when drafting does not pay: (the token, 0 accepted)."""
+    token, _ = decode_one(model, cur_token, torch.tensor([input_pos], device=cur_token.device), **sampling)
+    return token.clone().view(1), 0
+
+
+class DraftLength:
+    """How many tokens to draft in the next step.
+
+    After a step whose drafts were all accepted, two more (up to `maximum`); after a rejection, one fewer (at
+    least 1): HF transformers' "heuristic" schedule. And whether drafting pays at all: the time per produced
+    token of drafted steps and of plain steps is tracked as they run (moving averages); when drafted steps are
+    the slower, the next `pause` steps are plain, then drafting is tried again. The first steps are plain, to
+    measure the baseline. Fixed (adaptive=False): always `maximum`."""
+
+    def __init__(self, maximum: int, adaptive: bool = True, pause: int = 16, baseline_steps: int = 2):
+        self.maximum, self.adaptive, self.pause = maximum, adaptive, pause
+        self.length = maximum
+        self.plain_left = baseline_steps if adaptive else 0
+        self.seconds_per_token = {True: None, False: None}  # drafted, plain
+
+    def next(self) -> int:
+        return 0 if self.plain_left > 0 else self.length
+
+    def update(self, drafted: int, accepted: int, produced: int, seconds: float):
+        if not self.adaptive:
+            return
+        key = drafted > 0
+        cost = seconds / produced
+        previous = self.seconds_per_token[key]
+        self.seconds_per_token[key] = cost if previous is None else 0.7 * previous + 0.3 * cost
+        if not key:
+            self.plain_left -= 1
+            return
+        self.length = min(self.length + 2, self.maximum) if accepted == drafted else max(self.length - 1, 1)
+        plain = self.seconds_per_token[False]
+        if plain is not None and self.seconds_per_token[True] > plain:
+            self.plain_left = self.pause
+            self.seconds_per_token[True] = None  # judged afresh when drafting resumes
 
 
 # ---------------------------------------------------------------- speculative decoding
 
 
 def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: Tensor, input_pos: int,
-                       speculate_k: int, **sampling):
-    """One step of speculative decoding, batch 1.
+                       speculate_k: int, decode_one: Callable = decode_one_token, **sampling):
+    """One step of speculative decoding, batch 1. decode_one is the one-token step (generate's compiled one).
 
     The draft proposes speculate_k tokens one by one; the target scores all of them (and the token before)
     in one forward of speculate_k + 1 positions. Returns the tokens this step produces, 1 to speculate_k + 1
@@ -66,7 +141,7 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
     device = cur_token.device
     draft_tokens, draft_probs, token = [], [], cur_token
     for i in range(speculate_k):
-        token, probs = draft_one_token(draft_model, token, torch.tensor([input_pos + i], device=device), **sampling)
+        token, probs = decode_one(draft_model, token, torch.tensor([input_pos + i], device=device), **sampling)
         token = token.clone()  # CUDA graphs reuse their output buffers
         draft_tokens.append(token)
         draft_probs.append(probs.clone())
@@ -74,44 +149,37 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
     positions = torch.arange(input_pos, input_pos + speculate_k + 1, device=device)
     target_logits = verify(model, torch.cat([cur_token, draft_tokens], dim=1), positions)[0][0].float()  # [k + 1, vocab]
     draft_tokens = draft_tokens[0]
-
-    if sampling.get("temperature", 0) <= 0:  # greedy: keep draft tokens while they are the target's argmax
-        target_tokens = target_logits.argmax(dim=-1)
-        accepted = int(torch.cumprod(draft_tokens == target_tokens[:-1], dim=0).sum())
-        next_token = target_tokens[accepted]
-    else:
-        target_probs = logits_to_probs(target_logits, **sampling)
-        draft_probs = torch.cat(draft_probs)  # [k, vocab]
-        rows = torch.arange(speculate_k, device=device)
-        p_target, p_draft = target_probs[rows, draft_tokens], draft_probs[rows, draft_tokens]
-        # Accept draft token i with probability min(1, p_target / p_draft), stopping at the first rejection.
-        keep = torch.rand(speculate_k, device=device) * p_draft < p_target
-        accepted = int(torch.cumprod(keep, dim=0).sum())
-        if accepted == speculate_k:  # all kept: a bonus token from the target's last position
-            probs = target_probs[-1]
-        else:  # the rejected token's mass goes back: sample from normalize(max(0, p_target - p_draft))
-            probs = (target_probs[accepted] - draft_probs[accepted]).clamp(min=0)
-            probs = probs / probs.sum()
-        next_token = torch.multinomial(probs, 1)[0]
+    accepted, next_token = accept_drafts(target_logits, draft_tokens, torch.cat(draft_probs), **sampling)
     if accepted == speculate_k:  # the draft never saw its own last token: give it one so its cache keeps up
-        draft_one_token(draft_model, draft_tokens[-1].view(1, 1), positions[-1:], **sampling)
+        decode_one(draft_model, draft_tokens[-1].view(1, 1), positions[-1:], **sampling)
     return torch.cat([draft_tokens[:accepted], next_token.view(1)]), accepted
 
 
 class SpeculativeDrafter:
-    """A draft model (same tokenizer, e.g. an int8/int4 copy of the target) proposing speculate_k tokens a step."""
+    """A draft model (same tokenizer, e.g. an int8/int4 copy of the target) proposing up to speculate_k tokens a
+    step (a fixed speculate_k with adaptive=False)."""
 
-    def __init__(self, draft_model: Transformer, speculate_k: int = 5):
-        self.draft_model, self.speculate_k = draft_model, speculate_k
-        self.depth = speculate_k  # drafted positions per step
+    def __init__(self, draft_model: Transformer, speculate_k: int = 5, adaptive: bool = True):
+        self.draft_model, self.speculate_k, self.adaptive = draft_model, speculate_k, adaptive
+        self.depth = speculate_k  # drafted positions per step, at most
         self.slack = speculate_k + 1  # cache slots written past the last kept token
         self.models = [draft_model]  # they need caches (and decode kernels under compile)
 
     def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
         self.draft_model(prompt, prompt_pos)  # only the draft's cache is wanted
+        self.length = DraftLength(self.speculate_k, self.adaptive)
+        self.missed, self.missed_from = [], None  # tokens of plain steps, which the draft has not seen yet
 
-    def step(self, model: Transformer, cur_token: Tensor, input_pos: int, **sampling):
-        return speculative_decode(model, self.draft_model, cur_token, input_pos, self.speculate_k, **sampling)
+    def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int, **sampling):
+        if drafts == 0:
+            self.missed_from = input_pos if not self.missed else self.missed_from
+            self.missed.append(cur_token.view(-1))
+            return plain_step(model, cur_token, input_pos, decode_one, **sampling)
+        if self.missed:  # plain steps' tokens (consecutive positions) go into the draft's cache in one forward
+            missed = torch.cat(self.missed)
+            self.draft_model(missed.view(1, -1), torch.arange(self.missed_from, input_pos, device=missed.device))
+            self.missed = []
+        return speculative_decode(model, self.draft_model, cur_token, input_pos, drafts, decode_one, **sampling)
 
 
 def check_same_tokenizer(tokenizer: Tokenizer, model: Transformer, draft_model: Transformer, draft_path: Path):
@@ -127,6 +195,62 @@ def check_same_tokenizer(tokenizer: Tokenizer, model: Transformer, draft_model: 
     if differences:
         raise UsageError(f"the draft {draft_path} does not share the target's tokenizer ({', '.join(differences)} differ); "
                          "use a draft from the same model family, e.g. an int8/int4 copy of the target made by quantize.py")
+
+
+# ---------------------------------------------------------------- prompt lookup
+
+
+class NgramIndex:
+    """Where each n-gram (n = 1..max_ngram) of a growing token list last occurred with a token after it, so that
+    the continuation of the list's own ending is found in O(max_ngram) per token, whatever the length."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram, self.tokens, self.last_start = max_ngram, [], {}
+
+    def extend(self, tokens: list):
+        for token in tokens:
+            end = len(self.tokens)  # the n-grams ending just before this token now have a continuation
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.last_start[tuple(self.tokens[end - n:end])] = end - n
+            self.tokens.append(token)
+
+    def continuation(self, num_tokens: int) -> list:
+        """Up to num_tokens tokens that followed the latest earlier occurrence of the longest ending n-gram."""
+        for n in range(min(self.max_ngram, len(self.tokens)), 0, -1):
+            start = self.last_start.get(tuple(self.tokens[-n:]))
+            if start is not None:
+                return self.tokens[start + n:start + n + num_tokens]
+        return []
+
+
+class PromptLookupDrafter:
+    """Drafts copied from the text itself: the tokens that followed the latest earlier occurrence of the last
+    max_ngram (or fewer) tokens, as HF transformers' prompt lookup decoding. No draft model: a draft costs only
+    its share of the verification forward, so it pays where the output repeats the input (rewriting,
+    summarising, editing code). Without a match the step is a plain one."""
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 3, adaptive: bool = True):
+        self.num_tokens, self.max_ngram, self.adaptive = num_tokens, max_ngram, adaptive
+        self.depth, self.slack, self.models = num_tokens, num_tokens + 1, []
+
+    def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
+        self.index = NgramIndex(self.max_ngram)
+        self.index.extend(prompt[0].tolist())
+        self.length = DraftLength(self.num_tokens, self.adaptive)
+
+    def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int, **sampling):
+        self.index.extend([int(cur_token)])
+        guess = self.index.continuation(drafts) if drafts else []
+        if not guess:
+            produced, accepted = plain_step(model, cur_token, input_pos, decode_one, **sampling)
+        else:
+            draft_tokens = torch.tensor(guess, dtype=torch.long, device=cur_token.device)
+            positions = torch.arange(input_pos, input_pos + len(guess) + 1, device=cur_token.device)
+            target_logits = verify(model, torch.cat([cur_token.view(1, 1), draft_tokens[None]], dim=1), positions)[0][0]
+            accepted, next_token = accept_drafts(target_logits.float(), draft_tokens, None, **sampling)
+            produced = torch.cat([draft_tokens[:accepted], next_token.view(1)])
+        self.index.extend(produced[:-1].tolist())  # the last one comes back as the next cur_token
+        return produced, accepted
 
 
 # ---------------------------------------------------------------- Medusa
@@ -197,11 +321,13 @@ class MedusaDrafter:
         self.depth, self.slack = tree.depth, tree.size
         self.models = [heads]
         self.head_logits = None
+        self.length = DraftLength(tree.depth, adaptive=False)  # the tree is one compiled shape: always all of it
 
     def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
         self.head_logits = propose(self.heads, last_hidden[0])
 
-    def step(self, model: Transformer, cur_token: Tensor, input_pos: int, temperature: float = 0.0, **sampling):
+    def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int,
+             temperature: float = 0.0, **sampling):
         typical = self.typical if temperature > 0 else None
         produced, accepted, self.head_logits = medusa_decode(model, self.heads, self.tree, cur_token, self.head_logits,
                                                              input_pos, typical, temperature)
@@ -212,11 +338,16 @@ class MedusaDrafter:
 
 
 def drafted_decode_n_tokens(model: Transformer, drafter, cur_token: Tensor, input_pos: int, num_new_tokens: int,
-                            stop_ids: Tensor, callback: Callable, new_tokens: list, accepted_counts: list, **sampling):
-    """Append to new_tokens, one drafting step at a time, until num_new_tokens or a stop token (batch 1)."""
+                            stop_ids: Tensor, callback: Callable, new_tokens: list, accepted_counts: list,
+                            decode_one: Callable = decode_one_token, **sampling):
+    """Append to new_tokens, one drafting step at a time, until num_new_tokens or a stop token (batch 1).
+    The drafter's DraftLength says how many tokens each step drafts (0: a plain step with decode_one)."""
     goal = len(new_tokens) + num_new_tokens
     while len(new_tokens) < goal:
-        produced, accepted = drafter.step(model, cur_token, input_pos, **sampling)
+        drafts = drafter.length.next()
+        start = time.perf_counter()
+        produced, accepted = drafter.step(model, cur_token, input_pos, decode_one, drafts, **sampling)
+        drafter.length.update(drafts, accepted, len(produced), time.perf_counter() - start)
         accepted_counts.append(accepted)
         for token in produced[: goal - len(new_tokens)].view(-1, 1, 1):
             new_tokens.append(token)

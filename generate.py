@@ -98,7 +98,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
                 decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, tokens, **sampling)
             else:
                 drafting.drafted_decode_n_tokens(model, drafter, first, length, max_new_tokens - 1, stop_ids, callback,
-                                                 tokens, accepted_counts, **sampling)
+                                                 tokens, accepted_counts, decode_one_token, **sampling)
     except KeyboardInterrupt:  # Ctrl-C: keep what was generated; the caller reports it
         interrupted = True
     synchronize(device)
@@ -135,7 +135,7 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
     decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
     if drafter is not None:
-        drafting.compile_drafting(mode)
+        drafting.compile_drafting()
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
 
@@ -208,7 +208,14 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: prompt + new tokens)")
     parser.add_argument("--draft_checkpoint_path", type=Path, default=None,
                         help="speculative decoding with this draft model (same tokenizer; e.g. an int4 copy of the target)")
-    parser.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step")
+    parser.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step (at most, when adaptive)")
+    parser.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
+                        help="prompt lookup decoding: draft up to this many tokens copied from where the last few "
+                             "tokens occurred earlier in the prompt or the output (no draft model)")
+    parser.add_argument("--max_matching_ngram_size", type=int, default=3, help="prompt lookup: longest n-gram matched")
+    parser.add_argument("--fixed_draft_length", action="store_true",
+                        help="draft --speculate_k / --prompt_lookup_num_tokens tokens every step (default: adapt the "
+                             "length to what is accepted, and decode plainly while drafting does not pay)")
     parser.add_argument("--medusa_checkpoint_path", type=Path, default=None,
                         help="Medusa heads: a folder with medusa_lm_head.safetensors|.pt and config.json (FasterDecoding layout)")
     parser.add_argument("--medusa_choices", default="chain2", help="candidate tree: a name (chain1, chain2, chain3, "
@@ -239,10 +246,14 @@ def parse_args(argv=None):
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (args.max_seq_length is not None and args.max_seq_length < 2, "--max_seq_length must be at least 2"),
         (args.speculate_k < 1, "--speculate_k must be at least 1"),
-        ((args.draft_checkpoint_path or args.medusa_checkpoint_path) is not None and args.batch_size != 1,
-         "drafting runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path or --medusa_checkpoint_path"),
-        (args.draft_checkpoint_path is not None and args.medusa_checkpoint_path is not None,
-         "give --draft_checkpoint_path or --medusa_checkpoint_path, not both"),
+        (args.prompt_lookup_num_tokens is not None and args.prompt_lookup_num_tokens < 1,
+         "--prompt_lookup_num_tokens must be at least 1"),
+        (args.max_matching_ngram_size < 1, "--max_matching_ngram_size must be at least 1"),
+        (drafting_modes(args) > 1,
+         "give one of --draft_checkpoint_path, --medusa_checkpoint_path and --prompt_lookup_num_tokens, not several"),
+        (drafting_modes(args) and args.batch_size != 1,
+         "drafting runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path, "
+         "--medusa_checkpoint_path or --prompt_lookup_num_tokens"),
         (args.medusa_sampling == "typical" and args.temperature == 0,
          "--medusa_sampling typical needs --temperature > 0 (at 0 Medusa verifies greedily)"),
     ]
@@ -251,6 +262,11 @@ def parse_args(argv=None):
             parser.error(message)  # one line, exit code 2
     return args
 
+
+
+def drafting_modes(args) -> int:
+    return sum(x is not None for x in (args.draft_checkpoint_path, args.medusa_checkpoint_path,
+                                       args.prompt_lookup_num_tokens))
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool, system: Optional[str] = None) -> list:
@@ -266,7 +282,10 @@ def load_drafter(args, model: Transformer, tokenizer: Tokenizer, device, shard):
     if args.draft_checkpoint_path is not None:  # sharded the same way as the target under torchrun
         draft_model = load_model(args.draft_checkpoint_path, device, dtype, shard=shard)
         drafting.check_same_tokenizer(tokenizer, model, draft_model, args.draft_checkpoint_path)
-        return drafting.SpeculativeDrafter(draft_model, args.speculate_k)
+        return drafting.SpeculativeDrafter(draft_model, args.speculate_k, adaptive=not args.fixed_draft_length)
+    if args.prompt_lookup_num_tokens is not None:
+        return drafting.PromptLookupDrafter(args.prompt_lookup_num_tokens, args.max_matching_ngram_size,
+                                            adaptive=not args.fixed_draft_length)
     if args.medusa_checkpoint_path is not None:
         if not args.medusa_checkpoint_path.exists():
             raise UsageError(f"Medusa heads {args.medusa_checkpoint_path} not found; train them with scripts/train_medusa.py")

@@ -8,7 +8,8 @@ import torch
 from checkpoint import CheckpointError
 from conftest import build_hf_model, family_configs
 from convert_hf_checkpoint import convert
-from drafting import MedusaDrafter, SpeculativeDrafter, medusa_decode, speculative_decode
+from drafting import (DraftLength, MedusaDrafter, NgramIndex, PromptLookupDrafter, SpeculativeDrafter, accept_drafts,
+                      medusa_decode, speculative_decode)
 from generate import generate as generate_tokens, load_model
 from medusa import MedusaHeads, build_tree, load_medusa_heads, parse_tree, tree_attention_mask
 from quantize import quantize_checkpoint
@@ -35,7 +36,7 @@ def test_greedy_speculative_equals_greedy(family, tiny_models, tmp_path):
     for name, draft in drafts.items():
         for k in (1, 4):
             timings = {}
-            drafted = generate_tokens(model, prompt, 40, drafter=SpeculativeDrafter(draft, k), timings=timings)
+            drafted = generate_tokens(model, prompt, 40, drafter=SpeculativeDrafter(draft, k, adaptive=False), timings=timings)
             assert torch.equal(drafted, plain), (name, k)
             acceptance[name, k] = sum(timings["accepted"]) / len(timings["accepted"])
     # Both branches really ran: the int4 copy agrees often (bonus tokens), the stranger rarely (rejections).
@@ -348,8 +349,8 @@ def plus_one(token):
     return token + 1
 
 
-def run_recording_steps(drafter, new_tokens=13):
-    """generate() with the counting target from token 0; the tokens each drafting step produced."""
+def run_recording_steps(drafter, new_tokens=13, prompt=(0,), vocab_size=64):
+    """generate() with the counting target after `prompt`; the tokens each drafting step produced."""
     steps, step = [], drafter.step
 
     def recording_step(*args, **kwargs):
@@ -358,8 +359,9 @@ def run_recording_steps(drafter, new_tokens=13):
         return produced, accepted
 
     drafter.step = recording_step
-    output = generate_tokens(CountingModel(plus_one), torch.tensor([0]), new_tokens, drafter=drafter)
-    assert output[0].tolist() == list(range(new_tokens + 1))  # exactly plain greedy: 0, 1, 2, ...
+    output = generate_tokens(CountingModel(plus_one, vocab_size), torch.tensor(prompt), new_tokens, drafter=drafter)
+    counting = [(prompt[-1] + i) % vocab_size for i in range(1, new_tokens + 1)]
+    assert output[0, len(prompt):].tolist() == counting  # exactly plain greedy decoding's tokens
     return steps
 
 
@@ -375,7 +377,7 @@ def run_recording_steps(drafter, new_tokens=13):
 ])
 def test_speculative_steps_with_stub_models(case, draft_rule, expected):
     """First token 1 comes from prefill; then each step from cur_token: drafts, verification, kept tokens."""
-    assert run_recording_steps(SpeculativeDrafter(CountingModel(draft_rule), speculate_k=3)) == expected
+    assert run_recording_steps(SpeculativeDrafter(CountingModel(draft_rule), speculate_k=3, adaptive=False)) == expected
 
 
 @pytest.mark.parametrize("case, guess, expected", [
@@ -388,3 +390,101 @@ def test_speculative_steps_with_stub_models(case, draft_rule, expected):
 ])
 def test_medusa_steps_with_stub_heads(case, guess, expected):
     assert run_recording_steps(MedusaDrafter(GuessingHeads(guess), parse_tree("chain3"))) == expected
+
+
+@pytest.mark.parametrize("case, prompt, vocab_size, expected", [
+    # The prompt holds the cycle the target follows: (0, 1) continues as 2, 3, 4, 5 (all kept, bonus 6); then
+    # (4, 5, 6) as 7, 0, 1, 2 (bonus 3); then (1, 2, 3), latest at the output's own 1, 2, 3, as 4, 5, 6, 7.
+    ("always", list(range(8)) + [0], 8, [([2, 3, 4, 5, 6], 4), ([7, 0, 1, 2, 3], 4), ([4, 5, 6, 7, 0], 4)]),
+    # Nothing the target writes occurred before: plain steps only.
+    ("never", [0], 64, [([t], 0) for t in range(2, 14)]),
+    # (0, 1) continues as 2, 3, 50, 51 in the prompt: two kept and the target's 4; then nothing matches.
+    ("sometimes", [0, 1, 2, 3, 50, 51, 0], 64, [([2, 3, 4], 2)] + [([t], 0) for t in range(5, 14)]),
+])
+def test_prompt_lookup_steps_with_stub_model(case, prompt, vocab_size, expected):
+    drafter = PromptLookupDrafter(num_tokens=4, max_ngram=3, adaptive=False)
+    assert run_recording_steps(drafter, prompt=prompt, vocab_size=vocab_size) == expected
+
+
+def test_ngram_index_finds_the_latest_earlier_occurrence():
+    index = NgramIndex(max_ngram=2)
+    index.extend([5, 6, 7, 5, 6, 9, 5])
+    assert index.continuation(3) == [6, 9, 5]  # (5,) last seen at 3, followed by 6, 9, 5
+    index.extend([6])
+    assert index.continuation(2) == [9, 5]  # (5, 6) last seen at 3
+    index.extend([1])
+    assert index.continuation(2) == []  # (6, 1) and (1,) never seen before
+
+
+def test_draft_length_adapts_and_pauses_when_drafting_does_not_pay():
+    length = DraftLength(maximum=6, pause=3, baseline_steps=2)
+    assert [length.next(), length.update(0, 0, 1, 0.010), length.next(), length.update(0, 0, 1, 0.010)][::2] == [0, 0]
+    assert length.next() == 6
+    length.update(6, 2, 3, 0.015)  # 5 ms a token, cheaper than plain 10 ms: keep drafting, one fewer
+    assert length.next() == 5
+    length.update(5, 5, 6, 0.024)  # all kept: two more, capped at the maximum
+    assert length.next() == 6
+    length.update(6, 0, 1, 0.040)  # drafting now costs more per token than plain: pause 3 steps
+    assert [length.next() for _ in range(1)] == [0]
+    for _ in range(3):
+        length.update(0, 0, 1, 0.010)
+    assert length.next() == 5  # drafting resumes, with the length the rejection left
+    fixed = DraftLength(maximum=4, adaptive=False)
+    fixed.update(4, 0, 1, 1.0)
+    assert fixed.next() == 4
+
+
+def test_accepting_certain_drafts_samples_the_target_distribution():
+    """Prompt lookup's drafts are certain (p_draft = 1): the first token produced must still follow the target's
+    own distribution, whatever the drafts; and the kept-token rate of draft i is p_target(draft i)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 12) * 2
+    drafts = torch.tensor([3, 7, 1])
+    first = torch.zeros(12)
+    kept_first = 0
+    for _ in range(4000):
+        accepted, next_token = accept_drafts(logits, drafts, None, temperature=1.0)
+        first[drafts[0] if accepted > 0 else next_token] += 1
+        kept_first += accepted > 0
+    target = torch.softmax(logits[0], -1)
+    assert total_variation(first / 4000, target) < 0.03
+    assert abs(kept_first / 4000 - target[3].item()) < 0.03
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_greedy_prompt_lookup_equals_greedy(family, tiny_models):
+    """Fixed and adaptive lengths, on a prompt that repeats itself (as text to rewrite does)."""
+    _, _, checkpoint = tiny_models[family]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    phrase = torch.randint(0, 256, (8,), generator=torch.Generator().manual_seed(1))
+    prompt = torch.cat([phrase, phrase[:5]])
+    plain = generate_tokens(model, prompt, 40)
+    accepted = []
+    for adaptive in (False, True):
+        timings = {}
+        drafted = generate_tokens(model, prompt, 40, drafter=PromptLookupDrafter(5, 3, adaptive), timings=timings)
+        assert torch.equal(drafted, plain), adaptive
+        accepted += timings["accepted"]
+    assert sum(accepted) > 0  # the repeated phrase was drafted and kept
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_adaptive_speculative_equals_greedy(family, tiny_models, tmp_path, monkeypatch):
+    """The adaptive length with plain steps between drafts (forced here: drafting never pays) and the draft
+    catching up on the tokens of those plain steps."""
+    _, _, checkpoint = tiny_models[family]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))
+    plain = generate_tokens(model, prompt, 40)
+    update = DraftLength.update  # as timed on a machine where every drafted step is slow
+
+    def slow_drafts(self, drafted, accepted, produced, seconds):
+        update(self, drafted, accepted, produced, 1.0 if drafted else 0.001)
+
+    monkeypatch.setattr(DraftLength, "update", slow_drafts)
+    draft = load_model(quantize_checkpoint(checkpoint, "int4", 32), "cpu", torch.float32)
+    timings = {}
+    drafted = generate_tokens(model, prompt, 40, drafter=SpeculativeDrafter(draft, 4), timings=timings)
+    assert torch.equal(drafted, plain)
+    # 2 plain steps to time, a drafted one, 16 plain (paused), a drafted one, ...
+    assert timings["accepted"].count(0) >= 20 and max(timings["accepted"]) > 0
