@@ -42,6 +42,13 @@ from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/SmolLM2-135M-Instruct/model.pth"
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+# Input-grounded: the answer repeats much of the prompt, which is where prompt lookup drafting pays.
+GROUNDED_PARAGRAPH = (
+    "The city council met on Tuesday evening to discuss the new bicycle lanes on Main Street. Several shop owners "
+    "said the lanes had reduced parking in front of their stores, while cyclists said the lanes had made the street "
+    "much safer. After two hours of discussion, the council voted to keep the lanes for another six months and to "
+    "count how many people use them before making a final decision.")
+GROUNDED_PROMPT = f"Rewrite the following paragraph, keeping its sentences but fixing nothing:\n\n{GROUNDED_PARAGRAPH}"
 
 # key -> (engine, precision label, runner name, dtype or GGUF type, quantization mode of our checkpoint).
 # Order here is the order of the table.
@@ -52,9 +59,15 @@ ROWS = {
     "ours-int8": ("ours (torch.compile)", "int8 per channel", "ours", "bfloat16", "int8"),
     "ours-int4": ("ours (torch.compile)", "int4 g32 (output int8)", "ours", "bfloat16", "int4"),
     "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
-    "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k=3)", "bfloat16", "ours", "bfloat16", None),
-    "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k=3)", "bfloat16", "ours", "bfloat16", None),
+    "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
+    "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     **{f"ours-medusa-{tree}": (f"ours, Medusa ({tree})", "bfloat16", "ours", "bfloat16", None) for tree in NAMED_TREES},
+    "ours-lookup": ("ours, prompt lookup (k <= 10, adaptive)", "bfloat16", "ours", "bfloat16", None),
+    "ours-bf16-grounded": ("ours (torch.compile), input-grounded chat prompt", "bfloat16", "ours", "bfloat16", None),
+    "ours-lookup-grounded": ("ours, prompt lookup (k <= 10, adaptive), input-grounded chat prompt", "bfloat16", "ours",
+                             "bfloat16", None),
+    "ours-speculative-int4-grounded": ("ours, speculative (draft: int4 copy, k <= 3, adaptive), input-grounded chat "
+                                       "prompt", "bfloat16", "ours", "bfloat16", None),
     "hf-eager-fp32": ("HF transformers (eager, DynamicCache)", "float32", "hf-eager", "float32", None),
     "hf-eager-bf16": ("HF transformers (eager, DynamicCache)", "bfloat16", "hf-eager", "bfloat16", None),
     "hf-static-compile-bf16": ("HF transformers (StaticCache + torch.compile)", "bfloat16", "hf-compile", "bfloat16", None),
@@ -63,7 +76,8 @@ ROWS = {
     "llamacpp-q4_0": ("llama.cpp (llama-cpp-python)", "Q4_0 GGUF", "llamacpp", "Q4_0", None),
     "llamacpp-q4_1": ("llama.cpp (llama-cpp-python)", "Q4_1 GGUF (the source file)", "llamacpp", "source", None),
 }
-DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa"))]
+DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa", "ours-lookup"))
+                 or key == "ours-bf16-grounded"]
 DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS]  # --eager, --drafting add them
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
@@ -115,6 +129,8 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
     if strategy and strategy.startswith("speculative"):
         draft_path = quantize.quantize_checkpoint(checkpoint, strategy.split("-")[1], 32)
         drafter = drafting.SpeculativeDrafter(generate.load_model(draft_path, "cpu", generate.DTYPES[dtype]), 3)
+    elif strategy == "lookup":
+        drafter = drafting.PromptLookupDrafter(10, 3)
     elif strategy:
         heads_dir = checkpoint.parent / "medusa"
         if not heads_dir.is_dir():
@@ -347,7 +363,8 @@ def run_row(key: str, args, prompt_ids: list):
         return bench_ours_parallel(args.checkpoint_path, dtype, args.prompt, args.new_tokens, args.runs, args.nproc,
                                    args.pipeline_stages, runner == "ours", quantization)
     if runner in ("ours", "ours-eager"):
-        strategy = key.removeprefix("ours-") if key in DRAFTING_ROWS else None
+        strategy = key.removeprefix("ours-").removesuffix("-grounded") if key in DRAFTING_ROWS else None
+        strategy = None if strategy == "bf16" else strategy
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours",
                           quantization, strategy)
     if runner == "hf-eager":
@@ -366,10 +383,16 @@ def ratio(speeds, reference) -> str:
     return f"{statistics.median(speeds) / statistics.median(reference):.2f}x"
 
 
+def plain_row(key: str) -> str:
+    """The plain decoding row a drafting row is compared with: same precision, same prompt."""
+    return "ours-bf16-grounded" if key.endswith("-grounded") else "ours-bf16"
+
+
 def table(results: dict, runs: int) -> str:
     lines = [
-        f"| engine | precision | decode tok/s (median of {runs}) | runs | vs llama.cpp, same bits | vs llama.cpp F16 | vs HF eager bf16 |",
-        "|---|---|---:|---|---:|---:|---:|",
+        f"| engine | precision | decode tok/s (median of {runs}) | runs | vs llama.cpp, same bits | vs llama.cpp F16 "
+        "| vs HF eager bf16 | vs plain, same prompt |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     medians = {key: speeds for key, (speeds, _) in results.items()}
     for key, (speeds, notes) in results.items():
@@ -380,8 +403,10 @@ def table(results: dict, runs: int) -> str:
             listed += f" ({'; '.join(notes)})"
         peer = SAME_BITS.get(key)
         same_bits = f"{ratio(speeds, medians.get(peer))} ({ROWS[peer][1].split()[0]})" if peer in medians else ""
+        drafted = ratio(speeds, medians.get(plain_row(key))) if key in DRAFTING_ROWS and key != plain_row(key) else ""
         lines.append(f"| {engine} | {precision} | {median} | {listed} | {same_bits} | "
-                     f"{ratio(speeds, medians.get(LLAMACPP_REFERENCE))} | {ratio(speeds, medians.get(HF_REFERENCE))} |")
+                     f"{ratio(speeds, medians.get(LLAMACPP_REFERENCE))} | {ratio(speeds, medians.get(HF_REFERENCE))} "
+                     f"| {drafted} |")
     return "\n".join(lines)
 
 
@@ -452,10 +477,11 @@ def run(args):
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompt_ids = tokenizer.encode(args.prompt)
+    grounded_ids = tokenizer.apply_chat_template([{"role": "user", "content": GROUNDED_PROMPT}])
 
     results = {}
     for key in tqdm(rows, desc="bench", unit="row", file=sys.stderr):
-        speeds, tokens, notes = run_row(key, args, prompt_ids)
+        speeds, tokens, notes = run_row(key, args, grounded_ids if key.endswith("-grounded") else prompt_ids)
         results[key] = (speeds, notes)
         if tokens is not None:  # the continuation, to eyeball that every engine decodes the same text
             tqdm.write(f"{key}: {tokenizer.decode(tokens)[:100]!r}", file=sys.stderr)
