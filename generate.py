@@ -367,9 +367,6 @@ def report_memory(model: Transformer, layout, device):
 def run(args):
     device = torch.device(args.device)
     check_device(device, DTYPES[args.dtype])
-    for path in (args.checkpoint_path, args.draft_checkpoint_path):
-        if path is not None and not path.is_file():
-            raise UsageError(f"checkpoint {path} not found; create it with scripts/prepare.sh or convert_hf_checkpoint.py")
     torch.manual_seed(args.seed)
     layout = tp.init(device, args.pipeline_stages)  # None unless torchrun started several processes
     if layout is not None:
