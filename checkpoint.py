@@ -51,7 +51,7 @@ def load(path) -> Checkpoint:
         raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # zip, pickle and mmap readers each raise their own kinds
         if head == ZIP_MAGIC:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
             raise CheckpointError(f"{path} is truncated or corrupt ({reason}); {CONVERT_HINT}") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it does not start as torch.save's files do); "
                               f"{CONVERT_HINT}") from None

@@ -33,16 +33,16 @@ def layer_weight_bytes(model: Transformer) -> int:
     return tensor_bytes(tensors.values())
 
 
-def cache_bytes(model: Transformer, batch_size: int, max_seq_length: int) -> int:
-    """What setup_caches will allocate: K and V per layer (this rank's heads), the rope tables and the
-    [max_seq_length]^2 boolean masks (which dominate for very long caches)."""
+def cache_bytes(model: Transformer, batch_size: int, max_seq_length: int) -> tuple:
+    """What setup_caches will allocate: (K and V of every layer, for this rank's heads; the rope tables and the
+    [max_seq_length]^2 boolean masks, which dominate for very long caches)."""
     dtype = model.norm.weight.dtype if model.norm.weight.dtype.is_floating_point else torch.float32
     element = torch.empty(0, dtype=dtype).element_size()
     kv = sum(2 * batch_size * layer.attention.n_local_heads * max_seq_length * layer.attention.head_dim * element
              for layer in model.layers)
     rope = 2 * max_seq_length * model.args.head_dim * 4
     masks = max_seq_length ** 2 * (2 if model.args.sliding_window else 1)
-    return kv + rope + masks
+    return kv, rope + masks
 
 
 def available_bytes(device) -> int:
@@ -62,11 +62,12 @@ def available_bytes(device) -> int:
 
 def check_cache_fits(models: list, batch_size: int, max_seq_length: int, device):
     """Refuse, with both numbers, a KV cache that cannot be allocated, before trying to."""
-    needed = sum(cache_bytes(model, batch_size, max_seq_length) for model in models)
+    kv, masks = (sum(parts) for parts in zip(*(cache_bytes(model, batch_size, max_seq_length) for model in models)))
     free = available_bytes(device)
-    if needed > 0.9 * free:
-        raise UsageError(f"the KV cache for {max_seq_length} positions (batch {batch_size}) needs {needed / 1e9:.1f} GB "
-                         f"but this machine has {free / 1e9:.1f} GB free; lower --max_seq_length or --batch_size")
+    if kv + masks > 0.9 * free:
+        raise UsageError(f"the KV cache for {max_seq_length} positions (batch {batch_size}) needs {kv / 1e9:,.1f} GB "
+                         f"and its attention masks {masks / 1e9:,.1f} GB, but this machine has {free / 1e9:.1f} GB free; "
+                         "lower --max_seq_length or --batch_size")
 
 
 def peak_memory_gb(device) -> float:

@@ -58,7 +58,10 @@ def make_input(kind: str, folder: Path, tiny_models) -> Path:
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+    """Every file's size and modification time, and every folder's name (a folder's own time changes when a
+    temporary file comes and goes)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
 
 
 def run_tool(command: list, timeout=300, file_size_limit=None):
