@@ -35,6 +35,18 @@ def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, mask: Optional
     return model(tokens, input_pos, mask, cache_pos, return_hidden=True)
 
 
+def verify_drafts(model: Transformer, cur_token: Tensor, draft_tokens: Tensor, input_pos: int, width: int) -> Tensor:
+    """The target's logits [n + 1, vocab] after cur_token and after each of the n draft tokens [n], from one forward
+    padded to `width` positions: a compiled verification then has one shape whatever n is (each new shape costs a
+    compile of minutes on a small CPU). The padding's logits are dropped; the cache slots it writes lie past the
+    kept tokens, where the causal mask hides them until they are overwritten."""
+    tokens = torch.cat([cur_token.view(1), draft_tokens])
+    n = len(tokens)
+    tokens = torch.cat([tokens, tokens.new_zeros(width - n)])
+    positions = torch.arange(input_pos, input_pos + width, device=tokens.device)
+    return verify(model, tokens[None], positions)[0][0, :n].float()
+
+
 def propose(heads: MedusaHeads, hidden: Tensor) -> Tensor:
     """The heads' logits [num_heads, vocab] for one hidden state (as a row: DecodeLinear expects [.., rows, dim])."""
     return heads(hidden.view(1, -1))[0]
@@ -44,8 +56,8 @@ EAGER_FUNCTIONS = {"verify": verify, "propose": propose}
 
 
 def compile_drafting():
-    """Compile verification (one graph; the number of positions becomes dynamic once it varies) and the Medusa
-    heads' proposal. Always from the eager originals, so that compiling twice does not nest. One-token steps
+    """Compile verification (one graph: drafts are padded to the drafter's full width) and the Medusa heads'
+    proposal. Always from the eager originals, so that compiling twice does not nest. One-token steps
     (the draft model's, plain steps between drafts) use the decode step generate.py compiled."""
     global verify, propose
     verify = torch.compile(EAGER_FUNCTIONS["verify"], fullgraph=True)
@@ -130,8 +142,10 @@ class DraftLength:
 
 
 def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: Tensor, input_pos: int,
-                       speculate_k: int, decode_one: Callable = decode_one_token, **sampling):
-    """One step of speculative decoding, batch 1. decode_one is the one-token step (generate's compiled one).
+                       speculate_k: int, decode_one: Callable = decode_one_token, width: Optional[int] = None,
+                       **sampling):
+    """One step of speculative decoding, batch 1. decode_one is the one-token step (generate's compiled one);
+    verification is padded to `width` positions (default speculate_k + 1).
 
     The draft proposes speculate_k tokens one by one; the target scores all of them (and the token before)
     in one forward of speculate_k + 1 positions. Returns the tokens this step produces, 1 to speculate_k + 1
@@ -145,13 +159,12 @@ def speculative_decode(model: Transformer, draft_model: Transformer, cur_token: 
         token = token.clone()  # CUDA graphs reuse their output buffers
         draft_tokens.append(token)
         draft_probs.append(probs.clone())
-    draft_tokens = torch.cat(draft_tokens, dim=1)  # [1, k]
-    positions = torch.arange(input_pos, input_pos + speculate_k + 1, device=device)
-    target_logits = verify(model, torch.cat([cur_token, draft_tokens], dim=1), positions)[0][0].float()  # [k + 1, vocab]
-    draft_tokens = draft_tokens[0]
+    draft_tokens = torch.cat(draft_tokens, dim=1)[0]  # [k]
+    target_logits = verify_drafts(model, cur_token, draft_tokens, input_pos, width or speculate_k + 1)
     accepted, next_token = accept_drafts(target_logits, draft_tokens, torch.cat(draft_probs), **sampling)
     if accepted == speculate_k:  # the draft never saw its own last token: give it one so its cache keeps up
-        decode_one(draft_model, draft_tokens[-1].view(1, 1), positions[-1:], **sampling)
+        decode_one(draft_model, draft_tokens[-1].view(1, 1), torch.tensor([input_pos + speculate_k], device=device),
+                   **sampling)
     return torch.cat([draft_tokens[:accepted], next_token.view(1)]), accepted
 
 
@@ -179,7 +192,7 @@ class SpeculativeDrafter:
             missed = torch.cat(self.missed)
             self.draft_model(missed.view(1, -1), torch.arange(self.missed_from, input_pos, device=missed.device))
             self.missed = []
-        return speculative_decode(model, self.draft_model, cur_token, input_pos, drafts, decode_one, **sampling)
+        return speculative_decode(model, self.draft_model, cur_token, input_pos, drafts, decode_one, self.slack, **sampling)
 
 
 def check_same_tokenizer(tokenizer: Tokenizer, model: Transformer, draft_model: Transformer, draft_path: Path):
@@ -245,9 +258,8 @@ class PromptLookupDrafter:
             produced, accepted = plain_step(model, cur_token, input_pos, decode_one, **sampling)
         else:
             draft_tokens = torch.tensor(guess, dtype=torch.long, device=cur_token.device)
-            positions = torch.arange(input_pos, input_pos + len(guess) + 1, device=cur_token.device)
-            target_logits = verify(model, torch.cat([cur_token.view(1, 1), draft_tokens[None]], dim=1), positions)[0][0]
-            accepted, next_token = accept_drafts(target_logits.float(), draft_tokens, None, **sampling)
+            target_logits = verify_drafts(model, cur_token, draft_tokens, input_pos, self.slack)
+            accepted, next_token = accept_drafts(target_logits, draft_tokens, None, **sampling)
             produced = torch.cat([draft_tokens[:accepted], next_token.view(1)])
         self.index.extend(produced[:-1].tolist())  # the last one comes back as the next cur_token
         return produced, accepted
