@@ -104,38 +104,50 @@ def plain_step(model: Transformer, cur_token: Tensor, input_pos: int, decode_one
 
 
 class DraftLength:
-    """How many tokens to draft in the next step.
+    """How many tokens to draft in the next step, learnt as a drafter runs (kept across its generations).
 
     After a step whose drafts were all accepted, two more (up to `maximum`); after a rejection, one fewer (at
-    least 1): HF transformers' "heuristic" schedule. And whether drafting pays at all: the time per produced
-    token of drafted steps and of plain steps is tracked as they run (moving averages); when drafted steps are
-    the slower, the next `pause` steps are plain, then drafting is tried again. The first steps are plain, to
-    measure the baseline. Fixed (adaptive=False): always `maximum`."""
+    least 1): HF transformers' "heuristic" schedule. And whether drafting pays at all: the time of drafted and
+    of plain steps and the tokens a drafted step yields are tracked (moving averages). When drafted steps yield
+    fewer tokens per second than plain ones, the next `pause` steps are plain, and the pause doubles each time
+    drafting fails again (so probing costs a few steps per generation at most); when a drafted step costs more
+    than `maximum` + 1 plain steps, no draft can ever pay it back and this drafter stops drafting for good. The
+    first steps are plain, to time the baseline. Fixed (adaptive=False): always `maximum`."""
 
     def __init__(self, maximum: int, adaptive: bool = True, pause: int = 16, baseline_steps: int = 2):
-        self.maximum, self.adaptive, self.pause = maximum, adaptive, pause
-        self.length = maximum
+        self.maximum, self.adaptive, self.first_pause = maximum, adaptive, pause
+        self.length, self.pause, self.never_pays = maximum, pause, False
         self.plain_left = baseline_steps if adaptive else 0
-        self.seconds_per_token = {True: None, False: None}  # drafted, plain
+        self.step_seconds = {True: None, False: None}  # drafted, plain
+        self.drafted_tokens = None
 
     def next(self) -> int:
-        return 0 if self.plain_left > 0 else self.length
+        return 0 if self.plain_left > 0 or self.never_pays else self.length
+
+    @staticmethod
+    def average(previous, value):
+        return value if previous is None else 0.7 * previous + 0.3 * value
 
     def update(self, drafted: int, accepted: int, produced: int, seconds: float):
         if not self.adaptive:
             return
         key = drafted > 0
-        cost = seconds / produced
-        previous = self.seconds_per_token[key]
-        self.seconds_per_token[key] = cost if previous is None else 0.7 * previous + 0.3 * cost
+        self.step_seconds[key] = self.average(self.step_seconds[key], seconds)
         if not key:
-            self.plain_left -= 1
+            self.plain_left = max(self.plain_left - 1, 0)
             return
+        self.drafted_tokens = self.average(self.drafted_tokens, produced)
         self.length = min(self.length + 2, self.maximum) if accepted == drafted else max(self.length - 1, 1)
-        plain = self.seconds_per_token[False]
-        if plain is not None and self.seconds_per_token[True] > plain:
-            self.plain_left = self.pause
-            self.seconds_per_token[True] = None  # judged afresh when drafting resumes
+        plain = self.step_seconds[False]
+        if plain is None:
+            return
+        if self.step_seconds[True] > (self.maximum + 1) * plain:
+            self.never_pays = True
+        elif self.drafted_tokens / self.step_seconds[True] < 1 / plain:
+            self.plain_left, self.pause = self.pause, min(2 * self.pause, 1024)
+            self.step_seconds[True], self.drafted_tokens = None, None  # judged afresh when drafting resumes
+        else:
+            self.pause = self.first_pause
 
 
 # ---------------------------------------------------------------- speculative decoding
@@ -177,10 +189,10 @@ class SpeculativeDrafter:
         self.depth = speculate_k  # drafted positions per step, at most
         self.slack = speculate_k + 1  # cache slots written past the last kept token
         self.models = [draft_model]  # they need caches (and decode kernels under compile)
+        self.length = DraftLength(speculate_k, adaptive)  # what it learns carries over to the next generation
 
     def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
         self.draft_model(prompt, prompt_pos)  # only the draft's cache is wanted
-        self.length = DraftLength(self.speculate_k, self.adaptive)
         self.missed, self.missed_from = [], None  # tokens of plain steps, which the draft has not seen yet
 
     def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int, **sampling):
@@ -245,11 +257,11 @@ class PromptLookupDrafter:
     def __init__(self, num_tokens: int = 10, max_ngram: int = 3, adaptive: bool = True):
         self.num_tokens, self.max_ngram, self.adaptive = num_tokens, max_ngram, adaptive
         self.depth, self.slack, self.models = num_tokens, num_tokens + 1, []
+        self.length = DraftLength(num_tokens, adaptive)  # what it learns carries over to the next generation
 
     def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
         self.index = NgramIndex(self.max_ngram)
         self.index.extend(prompt[0].tolist())
-        self.length = DraftLength(self.num_tokens, self.adaptive)
 
     def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int, **sampling):
         self.index.extend([int(cur_token)])

@@ -418,17 +418,24 @@ def test_ngram_index_finds_the_latest_earlier_occurrence():
 
 def test_draft_length_adapts_and_pauses_when_drafting_does_not_pay():
     length = DraftLength(maximum=6, pause=3, baseline_steps=2)
-    assert [length.next(), length.update(0, 0, 1, 0.010), length.next(), length.update(0, 0, 1, 0.010)][::2] == [0, 0]
+    for _ in range(2):  # the baseline: plain steps of 10 ms
+        assert length.next() == 0
+        length.update(0, 0, 1, 0.010)
     assert length.next() == 6
-    length.update(6, 2, 3, 0.015)  # 5 ms a token, cheaper than plain 10 ms: keep drafting, one fewer
+    length.update(6, 2, 3, 0.015)  # 3 tokens in 15 ms beats 1 in 10 ms: keep drafting, one fewer
     assert length.next() == 5
     length.update(5, 5, 6, 0.024)  # all kept: two more, capped at the maximum
     assert length.next() == 6
-    length.update(6, 0, 1, 0.040)  # drafting now costs more per token than plain: pause 3 steps
-    assert [length.next() for _ in range(1)] == [0]
+    length.update(6, 0, 1, 0.070)  # averaged, drafting now yields fewer tokens per second than plain: pause 3
+    assert length.next() == 0 and length.pause == 6
     for _ in range(3):
         length.update(0, 0, 1, 0.010)
-    assert length.next() == 5  # drafting resumes, with the length the rejection left
+    assert length.next() == 5  # drafting resumes with the length the rejection left
+    length.update(5, 0, 1, 0.030)  # fails again: the pause doubles
+    assert length.plain_left == 6 and length.pause == 12
+    length.plain_left = 0
+    length.update(5, 0, 1, 0.100)  # a drafted step dearer than maximum + 1 plain steps can never pay
+    assert length.never_pays and length.next() == 0
     fixed = DraftLength(maximum=4, adaptive=False)
     fixed.update(4, 0, 1, 1.0)
     assert fixed.next() == 4
