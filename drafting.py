@@ -98,9 +98,9 @@ def accept_drafts(target_logits: Tensor, draft_tokens: Tensor, draft_probs: Opti
 
 
 def plain_step(model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, **sampling):
-    """One ordinary decode step, for when drafting does not pay: (the token, 0 accepted)."""
+    """One ordinary decode step, for when drafting does not pay: (the token, 0 accepted, 0 drafted)."""
     token, _ = decode_one(model, cur_token, torch.tensor([input_pos], device=cur_token.device), **sampling)
-    return token.clone().view(1), 0
+    return token.clone().view(1), 0, 0
 
 
 class DraftLength:
@@ -204,7 +204,9 @@ class SpeculativeDrafter:
             missed = torch.cat(self.missed)
             self.draft_model(missed.view(1, -1), torch.arange(self.missed_from, input_pos, device=missed.device))
             self.missed = []
-        return speculative_decode(model, self.draft_model, cur_token, input_pos, drafts, decode_one, self.slack, **sampling)
+        produced, accepted = speculative_decode(model, self.draft_model, cur_token, input_pos, drafts, decode_one,
+                                                self.slack, **sampling)
+        return produced, accepted, drafts
 
 
 def check_same_tokenizer(tokenizer: Tokenizer, model: Transformer, draft_model: Transformer, draft_path: Path):
@@ -267,14 +269,14 @@ class PromptLookupDrafter:
         self.index.extend([int(cur_token)])
         guess = self.index.continuation(drafts) if drafts else []
         if not guess:
-            produced, accepted = plain_step(model, cur_token, input_pos, decode_one, **sampling)
+            produced, accepted, _ = plain_step(model, cur_token, input_pos, decode_one, **sampling)
         else:
             draft_tokens = torch.tensor(guess, dtype=torch.long, device=cur_token.device)
             target_logits = verify_drafts(model, cur_token, draft_tokens, input_pos, self.slack)
             accepted, next_token = accept_drafts(target_logits, draft_tokens, None, **sampling)
             produced = torch.cat([draft_tokens[:accepted], next_token.view(1)])
         self.index.extend(produced[:-1].tolist())  # the last one comes back as the next cur_token
-        return produced, accepted
+        return produced, accepted, len(guess)
 
 
 # ---------------------------------------------------------------- Medusa
@@ -355,7 +357,7 @@ class MedusaDrafter:
         typical = self.typical if temperature > 0 else None
         produced, accepted, self.head_logits = medusa_decode(model, self.heads, self.tree, cur_token, self.head_logits,
                                                              input_pos, typical, temperature)
-        return produced, accepted
+        return produced, accepted, self.tree.depth
 
 
 # ---------------------------------------------------------------- the drafted loop
@@ -365,13 +367,14 @@ def drafted_decode_n_tokens(model: Transformer, drafter, cur_token: Tensor, inpu
                             stop_ids: Tensor, callback: Callable, new_tokens: list, accepted_counts: list,
                             decode_one: Callable = decode_one_token, **sampling):
     """Append to new_tokens, one drafting step at a time, until num_new_tokens or a stop token (batch 1).
-    The drafter's DraftLength says how many tokens each step drafts (0: a plain step with decode_one)."""
+    The drafter's DraftLength says how many tokens each step may draft (0: a plain step with decode_one); a step
+    returns the tokens produced, the drafts accepted and the number it drafted (0 when it found none)."""
     goal = len(new_tokens) + num_new_tokens
     while len(new_tokens) < goal:
         drafts = drafter.length.next()
         start = time.perf_counter()
-        produced, accepted = drafter.step(model, cur_token, input_pos, decode_one, drafts, **sampling)
-        drafter.length.update(drafts, accepted, len(produced), time.perf_counter() - start)
+        produced, accepted, drafted = drafter.step(model, cur_token, input_pos, decode_one, drafts, **sampling)
+        drafter.length.update(drafted, accepted, len(produced), time.perf_counter() - start)
         accepted_counts.append(accepted)
         for token in produced[: goal - len(new_tokens)].view(-1, 1, 1):
             new_tokens.append(token)

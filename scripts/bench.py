@@ -62,9 +62,9 @@ ROWS = {
     "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     **{f"ours-medusa-{tree}": (f"ours, Medusa ({tree})", "bfloat16", "ours", "bfloat16", None) for tree in NAMED_TREES},
-    "ours-lookup": ("ours, prompt lookup (k <= 10, adaptive)", "bfloat16", "ours", "bfloat16", None),
+    "ours-lookup": ("ours, prompt lookup (k <= 4, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-bf16-grounded": ("ours (torch.compile), input-grounded chat prompt", "bfloat16", "ours", "bfloat16", None),
-    "ours-lookup-grounded": ("ours, prompt lookup (k <= 10, adaptive), input-grounded chat prompt", "bfloat16", "ours",
+    "ours-lookup-grounded": ("ours, prompt lookup (k <= 4, adaptive), input-grounded chat prompt", "bfloat16", "ours",
                              "bfloat16", None),
     "ours-speculative-int4-grounded": ("ours, speculative (draft: int4 copy, k <= 3, adaptive), input-grounded chat "
                                        "prompt", "bfloat16", "ours", "bfloat16", None),
@@ -130,7 +130,7 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         draft_path = quantize.quantize_checkpoint(checkpoint, strategy.split("-")[1], 32)
         drafter = drafting.SpeculativeDrafter(generate.load_model(draft_path, "cpu", generate.DTYPES[dtype]), 3)
     elif strategy == "lookup":
-        drafter = drafting.PromptLookupDrafter(10, 3)
+        drafter = drafting.PromptLookupDrafter(4, 3)
     elif strategy:
         heads_dir = checkpoint.parent / "medusa"
         if not heads_dir.is_dir():

@@ -354,9 +354,9 @@ def run_recording_steps(drafter, new_tokens=13, prompt=(0,), vocab_size=64):
     steps, step = [], drafter.step
 
     def recording_step(*args, **kwargs):
-        produced, accepted = step(*args, **kwargs)
+        produced, accepted, drafted = step(*args, **kwargs)
         steps.append((produced.tolist(), accepted))
-        return produced, accepted
+        return produced, accepted, drafted
 
     drafter.step = recording_step
     output = generate_tokens(CountingModel(plus_one, vocab_size), torch.tensor(prompt), new_tokens, drafter=drafter)
