@@ -87,7 +87,7 @@ CASES = [
     ("generate-missing-file", "generate.py", "file", ["--checkpoint_path", "{input}.pth"], ["not found", "prepare.sh"]),
     ("generate-empty-prompt", "generate.py", "good", ["--checkpoint_path", "{input}", "--prompt", ""], ["the prompt is empty"]),
     ("generate-huge-cache", "generate.py", "good", ["--checkpoint_path", "{input}", "--max_seq_length", "100000000"],
-     ["the KV cache for 100000000 positions", "GB but this machine has", "GB free", "lower --max_seq_length"]),
+     ["the KV cache for 100000000 positions", "GB, but this machine has", "GB free", "lower --max_seq_length"]),
     ("generate-prompt-past-context", "generate.py", "good", ["--checkpoint_path", "{input}", "--prompt", LONG_PROMPT],
      ["the prompt is 300 tokens but the model's context is 256"]),
     ("generate-zero-new-tokens", "generate.py", "good", ["--checkpoint_path", "{input}", "--max_new_tokens", "0"],
