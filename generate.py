@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import checkpoint
+import cpu_ops
 import drafting
 import kernels
 import memory
@@ -132,12 +133,18 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     global decode_one_token, prefill
     decode_one_token, prefill = EAGER_FUNCTIONS.values()
     kernels.use_decode_kernels(models, device)
+    if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
+        quantize.choose_compiled_paths(models, float_dtype(models[0]), cpu_ops.KernelChoices())
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
     decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
     if drafter is not None:
         drafting.compile_drafting()
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+
+
+def float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def use_eager():

@@ -9,6 +9,7 @@ verification of several drafted tokens) take the ordinary matmul and SDPA. Eager
 import torch
 from torch import Tensor
 
+import cpu_ops
 from model import Attention
 
 
@@ -18,11 +19,17 @@ class DecodeLinear(torch.nn.Linear):
     Inductor turns `(x * W).sum(-1)` into one vectorised C++ loop that reads the 16-bit weights once,
     widens them in registers and accumulates in float32. On a 2-core AVX2 machine that reads SmolLM2's
     weights at about twice the speed of the oneDNN bf16 linear (scripts/bench.py; numbers in the README).
+    Where the plain linear is faster on the running machine, `choose_float_paths` sets `path` to "linear".
     """
 
+    path = "reduction"
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2] != 1:
+        if x.shape[-2] != 1 or self.path == "linear":
             return torch.nn.functional.linear(x, self.weight, self.bias)
+        return self.reduction(x)
+
+    def reduction(self, x: Tensor) -> Tensor:
         y = (x[..., None, :].float() * self.weight.float()).sum(-1)
         if self.bias is not None:
             y = y + self.bias.float()
@@ -51,8 +58,27 @@ class DecodeAttention(Attention):
         return out.view(batch, heads, 1, head_dim).to(k.dtype)
 
 
-def use_decode_kernels(models: list, device):
-    """Set up `models` (target, draft, Medusa heads) and inductor for a compiled decode on `device`."""
+@torch.no_grad()
+def choose_float_paths(models: list, choices: cpu_ops.KernelChoices):
+    """Per float linear shape, the reduction (timed compiled) or the plain linear (timed eager: in the graph
+    it is the same external call), whichever is faster on this machine for one token (cached in `choices`)."""
+    from tqdm import tqdm
+
+    layers = [m for model in models for m in model.modules() if type(m) is DecodeLinear]
+    keys = {m: f"float {m.out_features}x{m.in_features} {str(m.weight.dtype).removeprefix('torch.')} rows 1 compiled"
+            for m in layers}
+    for module in tqdm(layers, desc="timing compiled paths", unit="layer", leave=False,
+                       disable=all(key in choices.choices for key in keys.values())):
+        x = torch.randn(1, 1, module.in_features, dtype=module.weight.dtype)
+        timers = {"reduction": lambda: cpu_ops.time_compiled(module.reduction, x),
+                  "linear": lambda: cpu_ops.time_call(lambda: torch.nn.functional.linear(x, module.weight, module.bias))}
+        module.path = choices.choose(keys[module], timers)
+    choices.save()
+
+
+def use_decode_kernels(models: list, device, choose: bool = True):
+    """Set up `models` (target, draft, Medusa heads) and inductor for a compiled decode on `device`; with
+    `choose`, each float linear's one-token path is the faster of two on this machine (choose_float_paths)."""
     if torch.device(device).type != "cpu":
         return  # CUDA: inductor's own matmuls and CUDA graphs (mode="reduce-overhead", in generate.py)
     import torch._inductor.config as inductor_config
@@ -65,3 +91,5 @@ def use_decode_kernels(models: list, device):
     # cpp_wrapper drops Python launch overhead between kernels. Freezing stays off: it would fold the
     # weights' float() into float32 copies and double the bytes read per token.
     inductor_config.cpp_wrapper = True
+    if choose:
+        choose_float_paths(models, cpu_ops.KernelChoices())

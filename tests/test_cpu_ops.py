@@ -1,0 +1,199 @@
+"""The CPU kernel paths of quantized layers and the measured choice between them.
+
+Every path a layer offers on this machine is compared with the dequantized reference (paths this machine
+cannot run are skipped, with the reason); the native kernels are also compared, tightly, with their exact
+arithmetic in PyTorch (activations quantized per block of 32). The choice cache is re-measured when corrupt or
+from another CPU, and a native build that fails leaves the PyTorch paths with one warning."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import cpu_ops
+import kernels
+import quantize
+from quantize import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8
+
+native = pytest.mark.skipif(not cpu_ops.load(), reason="native CPU kernels could not be built on this machine")
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+LAYERS = {  # name: (module from a float linear, float32 dequantized weight)
+    "int8 per channel": lambda lin: Int8Linear.from_linear(lin),
+    "int8 g32": lambda lin: Int8Linear.from_linear(lin, 32),
+    "int8 g64": lambda lin: Int8Linear.from_linear(lin, 64),
+    "int4 g32": lambda lin: Int4Linear.from_linear(lin, 32),
+    "int4 g128": lambda lin: Int4Linear.from_linear(lin, 128),
+}
+
+
+def dequantized(module):
+    if isinstance(module, Int8Linear):
+        return dequantize_int8(module.weight, module.scales)
+    return dequantize_int4(quantize.unpack_int4(module.weight), module.scales, module.zeros, module.groupsize)
+
+
+def forced(module, dtype, name, tmp_path):
+    """Prepare `module` with a choice file that names path `name` for every number of rows."""
+    choices = cpu_ops.KernelChoices(tmp_path / "forced.json")
+    key = quantize.path_key(module, dtype)
+    choices.choices.update({f"{key} rows {rows}": {"path": name, "us": {}} for rows in quantize.ROW_BUCKETS})
+    module.prepare_for_device(dtype, choices)
+    return module
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("path", ["dequant", "aten", "native"])
+def test_every_path_matches_the_dequantized_reference(layer, path, tmp_path):
+    if path == "native" and not cpu_ops.load():
+        pytest.skip("native CPU kernels could not be built on this machine")
+    if path != "native" and (path == "dequant") != layer.startswith("int8 g"):
+        pytest.skip(f"{layer} has no {path} path")  # grouped int8: no ATen kernel; ATen's own for the rest
+    torch.manual_seed(0)
+    module = LAYERS[layer](torch.nn.Linear(256, 80, bias=False))
+    weight = dequantized(module)
+    module = forced(module.to(torch.bfloat16), torch.bfloat16, path, tmp_path)
+    for rows in (1, 3, 5, 8):
+        assert path in module.path_names(rows)
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        reference = x.float() @ weight.T
+        assert relative_error(module(x), reference) < 0.02, rows
+    if isinstance(module, Int8Linear):  # the compiled one-token reduction
+        with torch._dynamo.config.patch(recompile_limit=64):
+            compiled = torch.compile(lambda x: module.run_path("reduction", x), fullgraph=True)
+            assert relative_error(compiled(x[:1]), reference[:1]) < 0.01
+
+
+@native
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("rows", [1, 2, 4, 7, 64])
+def test_native_kernels_compute_llama_cpp_arithmetic(layer, rows, tmp_path):
+    """Activations rounded to int8 per block of 32, integer dot products, float scales: the same as PyTorch does it
+    in float64, to float32 rounding; and within activation rounding of the float product."""
+    torch.manual_seed(rows)
+    module = LAYERS[layer](torch.nn.Linear(256, 48, bias=False))
+    weight = dequantized(module).double()
+    if isinstance(module, Int4Linear):  # the kernel's d and m are float16
+        d, m = module.scales.half().double(), (module.zeros - 8 * module.scales).half().double()
+        q = quantize.unpack_int4(module.weight).double().reshape(48, -1, module.groupsize)
+        weight = (q * d[..., None] + m[..., None]).reshape(48, 256)
+    module = forced(module, torch.float32, "native", tmp_path)
+    x = torch.randn(rows, 256)
+    q, scale = cpu_ops.quantized_activations(x)
+    exact = (q * scale).reshape(rows, 256).double() @ weight.T
+    ours = module.run_path("native", x)
+    assert ours.dtype == torch.float32 and ours.shape == (rows, 48)
+    assert torch.allclose(ours.double(), exact, rtol=1e-5, atol=1e-4 * exact.abs().max().item())
+    assert relative_error(ours, x @ weight.T.float()) < 0.02
+    with torch._dynamo.config.patch(recompile_limit=64):  # one compile per parameter set, of the same lambda
+        compiled = torch.compile(lambda x: module.run_path("native", x), fullgraph=True)  # an opaque op in a graph
+        assert torch.equal(compiled(x), ours)
+    rounded = x.bfloat16()  # 16-bit activations: the same arithmetic on their values, the result rounded once
+    assert torch.equal(module.run_path("native", rounded), module.run_path("native", rounded.float()).bfloat16())
+
+
+@native
+def test_a_weight_of_minus_128_keeps_the_layer_off_the_native_path():
+    module = Int8Linear.from_linear(torch.nn.Linear(64, 16))
+    module.weight[0, 0] = -128  # a GGUF may hold one; the kernel's sign trick cannot
+    module.prepare_for_device(torch.float32)
+    assert module.path_names(1) == ["aten"]
+
+
+def test_choices_are_measured_once_and_cached(tmp_path):
+    path = tmp_path / "choices.json"
+    calls = []
+
+    def timer(name, us):
+        return lambda: calls.append(name) or us
+
+    choices = cpu_ops.KernelChoices(path)
+    assert choices.choose("k", {"slow": timer("slow", 9.0), "fast": timer("fast", 2.0)}) == "fast"
+    assert choices.choose("k", {"slow": timer("slow", 9.0), "fast": timer("fast", 2.0)}) == "fast"
+    assert sorted(calls) == ["fast", "slow"]
+    choices.save()
+    again = cpu_ops.KernelChoices(path)
+    assert again.choose("k", {"slow": timer("slow", 1.0), "fast": timer("fast", 2.0)}) == "fast"  # from the file
+    assert len(calls) == 2 and again.time_of("k", "slow") == 9.0
+
+
+def test_a_failing_candidate_is_not_chosen(tmp_path, capsys):
+    def broken():
+        raise RuntimeError("no such instruction")
+
+    assert cpu_ops.KernelChoices(tmp_path / "c.json").choose("k", {"a": broken, "b": lambda: 5.0}) == "b"
+    assert "kernel path a failed for k: no such instruction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "other cpu", "other torch"])
+def test_a_corrupt_or_foreign_cache_is_measured_again(tmp_path, capsys, damage):
+    path = tmp_path / "choices.json"
+    choices = cpu_ops.KernelChoices(path)
+    choices.choose("k", {"a": lambda: 1.0, "b": lambda: 2.0})
+    choices.save()
+    data = json.loads(path.read_text())
+    if damage == "corrupt":
+        path.write_text(path.read_text()[:40])
+    else:
+        data["flags" if damage == "other cpu" else "torch"] = "something else"
+        path.write_text(json.dumps(data))
+    again = cpu_ops.KernelChoices(path)
+    assert again.choose("k", {"a": lambda: 3.0, "b": lambda: 2.0}) == "b"  # measured anew
+    err = capsys.readouterr().err
+    assert ("unreadable" if damage == "corrupt" else "another CPU or torch") in err and "measuring again" in err
+    again.save()
+    assert json.loads(path.read_text())["choices"]["k"]["path"] == "b"
+
+
+def test_a_failed_native_build_falls_back_with_one_warning(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def failing_load(**kwargs):
+        raise RuntimeError("Error building extension 'gptfast_cpu': g++: command not found")
+
+    monkeypatch.setattr(cpu_ops, "_loaded", None)
+    monkeypatch.setattr(cpp_extension, "load", failing_load)
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: "/nonexistent")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cpu_ops.load() is False
+        assert cpu_ops.load() is False  # tried once per process
+    assert [str(w.message) for w in caught] == [
+        "native CPU kernels unavailable, using PyTorch's (Error building extension 'gptfast_cpu': g++: command not found)"]
+    module = Int4Linear.from_linear(torch.nn.Linear(64, 16), 32)
+    module.prepare_for_device(torch.float32, cpu_ops.KernelChoices())
+    assert module.path_names(1) == ["aten"] and set(module.paths.values()) == {"aten"}
+
+
+def test_layers_take_their_measured_paths(tmp_path, monkeypatch):
+    """The cached choice decides the path per number of rows, and the layouts no chosen path needs are freed."""
+    path = tmp_path / "choices.json"
+    module = Int4Linear.from_linear(torch.nn.Linear(64, 16), 32)
+    key = quantize.path_key(module, torch.float32)
+    wanted = {rows: ("native" if rows == 1 and cpu_ops.load() else "aten") for rows in quantize.ROW_BUCKETS}
+    choices = cpu_ops.KernelChoices(path)
+    for rows, name in wanted.items():
+        choices.choices[f"{key} rows {rows}"] = {"path": name, "us": {}}
+    module.prepare_for_device(torch.float32, choices)
+    assert module.paths == wanted
+    taken = []
+    monkeypatch.setattr(module, "run_path", lambda name, x: taken.append(name) or torch.zeros(x.shape[0], 16))
+    module(torch.zeros(1, 1, 64)), module(torch.zeros(1, 5, 64)), module(torch.zeros(1, 100, 64))
+    assert taken == [wanted[1], wanted[5], wanted[64]]
+    assert hasattr(module, "packed") and hasattr(module, "blocks") == cpu_ops.load()
+
+
+def test_float_linears_take_their_measured_compiled_path(tmp_path):
+    linear = torch.nn.Linear(64, 32)
+    model = torch.nn.Sequential(linear)
+    choices = cpu_ops.KernelChoices(tmp_path / "choices.json")
+    choices.choices["float 32x64 float32 rows 1 compiled"] = {"path": "linear", "us": {}}
+    linear.__class__ = kernels.DecodeLinear
+    kernels.choose_float_paths([model], choices)
+    assert linear.path == "linear"
+    x = torch.randn(1, 1, 64)
+    assert torch.allclose(linear(x), x @ linear.weight.T + linear.bias) and torch.allclose(linear.reduction(x), linear(x))
