@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -26,20 +27,26 @@ namespace {
 constexpr int64_t BLOCK = 32;  // activation quantization block, and the unit of the integer dot product
 constexpr int64_t MAX_ROWS = 4;  // activation rows kept in registers at once
 
-// x [rows, K] float -> q int8 [rows, K], scale [rows, K/32], scaled_sum [rows, K/32] = scale * sum(q in block).
-void quantize_activations(const float* x, int64_t rows, int64_t K, int8_t* q, float* scale, float* scaled_sum) {
+// x [rows, K] (float, bfloat16 or float16) -> q int8 [rows, K], scale [rows, K/32], scaled_sum [rows, K/32]
+// = scale * sum(q in block).
+template <typename T>
+void quantize_activations(const T* x, int64_t rows, int64_t K, int8_t* q, float* scale, float* scaled_sum) {
   const int64_t blocks = K / BLOCK;
+  float values[BLOCK];
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + r * K + b * BLOCK;
+      const T* xb = x + r * K + b * BLOCK;
       int8_t* qb = q + r * K + b * BLOCK;
       float amax = 0.f;
-      for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      for (int64_t i = 0; i < BLOCK; ++i) {
+        values[i] = static_cast<float>(xb[i]);
+        amax = std::max(amax, std::fabs(values[i]));
+      }
       const float d = amax / 127.f;
       const float inverse = d > 0.f ? 1.f / d : 0.f;
       int32_t sum = 0;
       for (int64_t i = 0; i < BLOCK; ++i) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(xb[i] * inverse));
+        const int32_t v = static_cast<int32_t>(std::nearbyint(values[i] * inverse));
         qb[i] = static_cast<int8_t>(v);
         sum += v;
       }
@@ -70,36 +77,70 @@ inline __m256i dot_unsigned_signed(__m256i u, __m256i s) {
 }
 #endif
 
-// out[r, n] for rows r of one chunk (ROWS of them), for output channels [n_begin, n_end) of int8 weights.
-// Weight scales: [N, K/groupsize]; per output channel is groupsize = K.
+// Blocks of 32 inputs share a weight scale per group; groups are powers of two blocks (or one group per row),
+// so a block's group is b >> group_shift, never a division in the inner loop.
+inline int group_shift(int64_t K, int64_t groupsize) {
+  const int64_t blocks_per_group = groupsize / BLOCK;
+  TORCH_CHECK(groupsize % BLOCK == 0 && K % groupsize == 0, "groupsize must be a multiple of 32 dividing K");
+  if (groupsize == K) return 62;  // one group: b >> 62 is 0
+  TORCH_CHECK((blocks_per_group & (blocks_per_group - 1)) == 0, "groupsize / 32 must be a power of two");
+  return __builtin_ctzll(blocks_per_group);
+}
+
+// float16 -> float32 in one instruction where the CPU has F16C (c10::Half's own conversion is bit arithmetic).
+inline float half_to_float(c10::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+// With one or two rows, one chain of multiply-adds per row would wait on the previous one's latency every
+// block; two accumulators (even and odd blocks) keep two chains in flight.
 template <int ROWS>
-void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int64_t groupsize, const int8_t* xq,
+constexpr int chains() { return ROWS <= 2 ? 2 : 1; }
+
+// out[r, n] for the ROWS rows of one chunk and output channels [n_begin, n_end), int8 weights [N, K] with
+// float32 scales [N, groups].
+template <int ROWS>
+void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, const int8_t* xq,
                const float* x_scale, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
-  const int64_t blocks = K / BLOCK, groups = K / groupsize, blocks_per_group = groupsize / BLOCK;
+  const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* wn = w + n * K;
     const float* sn = w_scale + n * groups;
 #if defined(__AVX2__)
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
+    constexpr int C = chains<ROWS>();
+    __m256 acc[C][ROWS];
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm256_setzero_ps();
+    auto block = [&](int64_t b, __m256* a) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * BLOCK));
-      const float ws = sn[b / blocks_per_group];
+      const float ws = sn[b >> shift];
       for (int r = 0; r < ROWS; ++r) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
         // |x| as unsigned times w with x's sign: the same products, in the operand order the instruction takes.
         const __m256i products = dot_unsigned_signed(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ws * x_scale[r * blocks + b]), _mm256_cvtepi32_ps(products), acc[r]);
+        a[r] = _mm256_fmadd_ps(_mm256_set1_ps(ws * x_scale[r * blocks + b]), _mm256_cvtepi32_ps(products), a[r]);
       }
+    };
+    int64_t b = 0;
+    for (; b + C <= blocks; b += C)
+      for (int c = 0; c < C; ++c) block(b + c, acc[c]);
+    for (; b < blocks; ++b) block(b, acc[0]);
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 total = acc[0][r];
+      for (int c = 1; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]);
+      out[r * N + n] = horizontal_sum(total);
     }
-    for (int r = 0; r < ROWS; ++r) out[r * N + n] = horizontal_sum(acc[r]);
 #else
     for (int r = 0; r < ROWS; ++r) {
       float total = 0.f;
       for (int64_t b = 0; b < blocks; ++b) {
         int32_t dot = 0;
         for (int64_t i = 0; i < BLOCK; ++i) dot += int32_t(wn[b * BLOCK + i]) * int32_t(xq[r * K + b * BLOCK + i]);
-        total += sn[b / blocks_per_group] * x_scale[r * blocks + b] * float(dot);
+        total += sn[b >> shift] * x_scale[r * blocks + b] * float(dot);
       }
       out[r * N + n] = total;
     }
@@ -108,34 +149,45 @@ void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int64_t groupsi
 }
 
 // 4-bit weights in llama.cpp's block order: 16 bytes a block of 32, element i in the low nibble of byte i and
-// element 16 + i in its high nibble; value = d * q + m (q in 0..15), d and m float16 per group.
+// element 16 + i in its high nibble; value = d * q + m (q in 0..15), d and m float16 per group. The m terms
+// need only the sum of each activation block: sum over blocks of m * scale * sum(q), kept apart.
 template <int ROWS>
-void int4_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int64_t K, int64_t groupsize,
+void int4_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int64_t K, int shift,
                const int8_t* xq, const float* x_scale, const float* x_scaled_sum, float* out, int64_t N,
                int64_t n_begin, int64_t n_end) {
-  const int64_t blocks = K / BLOCK, groups = K / groupsize, blocks_per_group = groupsize / BLOCK;
+  const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* wn = w + n * (K / 2);
     const c10::Half* dn = w_d + n * groups;
     const c10::Half* mn = w_m + n * groups;
-    float offsets[ROWS] = {};  // sum over blocks of m * (scale * sum of the block's quantized activations)
 #if defined(__AVX2__)
-    __m256 acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+    constexpr int C = chains<ROWS>();
+    __m256 acc[C][ROWS];
+    float offsets[C][ROWS] = {};
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm256_setzero_ps();
     const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    for (int64_t b = 0; b < blocks; ++b) {
+    auto block = [&](int64_t b, __m256* a, float* offset) {
       const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + b * BLOCK / 2));
       const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
-      const int64_t g = b / blocks_per_group;
-      const float d = static_cast<float>(dn[g]), m = static_cast<float>(mn[g]);
+      const float d = half_to_float(dn[b >> shift]), m = half_to_float(mn[b >> shift]);
       for (int r = 0; r < ROWS; ++r) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x_scale[r * blocks + b]),
-                                 _mm256_cvtepi32_ps(dot_unsigned_signed(wv, xv)), acc[r]);
-        offsets[r] += m * x_scaled_sum[r * blocks + b];
+        a[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x_scale[r * blocks + b]),
+                               _mm256_cvtepi32_ps(dot_unsigned_signed(wv, xv)), a[r]);
+        offset[r] += m * x_scaled_sum[r * blocks + b];
       }
+    };
+    int64_t b = 0;
+    for (; b + C <= blocks; b += C)
+      for (int c = 0; c < C; ++c) block(b + c, acc[c], offsets[c]);
+    for (; b < blocks; ++b) block(b, acc[0], offsets[0]);
+    for (int r = 0; r < ROWS; ++r) {
+      __m256 total = acc[0][r];
+      float offset = offsets[0][r];
+      for (int c = 1; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]), offset += offsets[c][r];
+      out[r * N + n] = horizontal_sum(total) + offset;
     }
-    for (int r = 0; r < ROWS; ++r) out[r * N + n] = horizontal_sum(acc[r]) + offsets[r];
 #else
     for (int r = 0; r < ROWS; ++r) {
       float total = 0.f;
@@ -145,42 +197,60 @@ void int4_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int
           const uint8_t byte = wn[b * BLOCK / 2 + i];
           dot += int32_t(byte & 0xF) * xq[r * K + b * BLOCK + i] + int32_t(byte >> 4) * xq[r * K + b * BLOCK + 16 + i];
         }
-        const int64_t g = b / blocks_per_group;
-        total += static_cast<float>(dn[g]) * x_scale[r * blocks + b] * float(dot);
-        offsets[r] += static_cast<float>(mn[g]) * x_scaled_sum[r * blocks + b];
+        total += static_cast<float>(dn[b >> shift]) * x_scale[r * blocks + b] * float(dot)
+                 + static_cast<float>(mn[b >> shift]) * x_scaled_sum[r * blocks + b];
       }
-      out[r * N + n] = total + offsets[r];
+      out[r * N + n] = total;
     }
 #endif
   }
 }
 
-// Runs `kernel<ROWS>` over row chunks of at most MAX_ROWS and output channels split between threads; each
-// thread reads its weight rows once per chunk, and a chunk's activations stay in L1.
+// Runs `launch` over row chunks of at most MAX_ROWS and output channels split between threads; each thread
+// reads its weight rows once per chunk, and a chunk's quantized activations stay in L1. The activations are
+// quantized once, before the threads start, into buffers kept between calls (no allocation per call).
 template <typename Launch>
-at::Tensor run_chunks(const at::Tensor& x, int64_t N, const Launch& launch) {
-  TORCH_CHECK(x.dim() == 2, "x must be [rows, K]");
-  const int64_t rows = x.size(0), K = x.size(1);
+at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, const Launch& launch) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [rows, K]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), K = x.size(1), blocks = K / BLOCK;
   TORCH_CHECK(K % BLOCK == 0, "K must be a multiple of 32");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor xq = at::empty({rows, K}, x.options().dtype(at::kChar));
-  at::Tensor x_scale = at::empty({rows, K / BLOCK}, x.options().dtype(at::kFloat));
-  at::Tensor x_scaled_sum = at::empty({rows, K / BLOCK}, x.options().dtype(at::kFloat));
-  quantize_activations(xf.data_ptr<float>(), rows, K, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(),
-                       x_scaled_sum.data_ptr<float>());
-  at::Tensor out = at::empty({rows, N}, x.options().dtype(at::kFloat));
-  // Grain: at least 16 output channels a task, so a thread's share is long enough to hide the start-up.
-  at::parallel_for(0, N, 16, [&](int64_t n_begin, int64_t n_end) {
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> x_scale, x_scaled_sum, out_float;
+  xq.resize(rows * K);
+  x_scale.resize(rows * blocks);
+  x_scaled_sum.resize(rows * blocks);
+  switch (x.scalar_type()) {
+    case at::kFloat: quantize_activations(x.data_ptr<float>(), rows, K, xq.data(), x_scale.data(), x_scaled_sum.data()); break;
+    case at::kBFloat16: quantize_activations(x.data_ptr<c10::BFloat16>(), rows, K, xq.data(), x_scale.data(), x_scaled_sum.data()); break;
+    case at::kHalf: quantize_activations(x.data_ptr<c10::Half>(), rows, K, xq.data(), x_scale.data(), x_scaled_sum.data()); break;
+    default: TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+  at::Tensor out = at::empty({rows, N}, x.options());
+  const bool float_out = x.scalar_type() == at::kFloat;
+  if (!float_out) out_float.resize(rows * N);
+  float* result = float_out ? out.data_ptr<float>() : out_float.data();
+  // A task of at least ~64K multiply-adds: smaller products run on one thread, where waking the others costs more.
+  const int64_t grain = std::max<int64_t>(8, (1 << 16) / (K * rows));
+  const int8_t* q = xq.data();
+  const float* scale = x_scale.data();
+  const float* scaled_sum = x_scaled_sum.data();
+  at::parallel_for(0, N, grain, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-      const int64_t chunk = std::min(MAX_ROWS, rows - r0);
-      const int8_t* xq_chunk = xq.data_ptr<int8_t>() + r0 * K;
-      const float* scale_chunk = x_scale.data_ptr<float>() + r0 * (K / BLOCK);
-      const float* sum_chunk = x_scaled_sum.data_ptr<float>() + r0 * (K / BLOCK);
-      float* out_chunk = out.data_ptr<float>() + r0 * N;
-      launch(chunk, xq_chunk, scale_chunk, sum_chunk, out_chunk, n_begin, n_end);
+      launch(std::min(MAX_ROWS, rows - r0), q + r0 * K, scale + r0 * blocks, scaled_sum + r0 * blocks,
+             result + r0 * N, n_begin, n_end);
     }
   });
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  if (!float_out) {
+    if (x.scalar_type() == at::kBFloat16) {
+      c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < rows * N; ++i) o[i] = c10::BFloat16(out_float[i]);
+    } else {
+      c10::Half* o = out.data_ptr<c10::Half>();
+      for (int64_t i = 0; i < rows * N; ++i) o[i] = c10::Half(out_float[i]);
+    }
+  }
+  return out;
 }
 
 #define DISPATCH_ROWS(chunk, KERNEL, ...)              \
@@ -196,12 +266,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(), "weight must be contiguous int8 [N, K]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / groupsize),
               "scales must be contiguous float32 [N, K/groupsize]");
-  TORCH_CHECK(groupsize % BLOCK == 0 && K % groupsize == 0, "groupsize must be a multiple of 32 dividing K");
+  const int shift = group_shift(K, groupsize);
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
   return run_chunks(x, N, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float*, float* out,
                               int64_t n_begin, int64_t n_end) {
-    DISPATCH_ROWS(chunk, int8_rows, w, s, K, groupsize, xq, x_scale, out, N, n_begin, n_end)
+    DISPATCH_ROWS(chunk, int8_rows, w, s, K, shift, xq, x_scale, out, N, n_begin, n_end)
   });
 }
 
@@ -211,14 +281,116 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous()
               && d.numel() == N * (K / groupsize) && m.numel() == d.numel(), "d and m must be contiguous float16 [N, K/groupsize]");
-  TORCH_CHECK(groupsize % BLOCK == 0 && K % groupsize == 0, "groupsize must be a multiple of 32 dividing K");
+  const int shift = group_shift(K, groupsize);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
   const c10::Half* mp = m.data_ptr<c10::Half>();
   return run_chunks(x, N, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum, float* out,
                               int64_t n_begin, int64_t n_end) {
-    DISPATCH_ROWS(chunk, int4_rows, w, dp, mp, K, groupsize, xq, x_scale, x_sum, out, N, n_begin, n_end)
+    DISPATCH_ROWS(chunk, int4_rows, w, dp, mp, K, shift, xq, x_scale, x_sum, out, N, n_begin, n_end)
   });
+}
+
+// ---------------------------------------------------------------- 16- and 32-bit float weights
+// One decoded token reads each weight once and does one multiply-add with it: memory-bound. A verification of
+// several drafted tokens does one multiply-add per row with each weight it has read and widened to float32:
+// up to 4 rows cost about as much memory traffic as one, which is what makes drafting pay.
+
+#if defined(__AVX2__)
+template <typename W>
+inline __m256 load_weights(const W* w);
+template <>
+inline __m256 load_weights<float>(const float* w) { return _mm256_loadu_ps(w); }
+template <>
+inline __m256 load_weights<c10::BFloat16>(const c10::BFloat16* w) {  // bfloat16 is float32's high half
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+template <>
+inline __m256 load_weights<c10::Half>(const c10::Half* w) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+}
+#endif
+
+template <int ROWS, typename W>
+void float_rows(const W* w, int64_t K, const float* x, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const W* wn = w + n * K;
+    int64_t k = 0;
+    float tail[ROWS] = {};
+#if defined(__AVX2__)
+    __m256 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+      const __m256 wv = load_weights(wn + k);
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
+    }
+    for (int r = 0; r < ROWS; ++r) tail[r] = horizontal_sum(acc[r]);
+#endif
+    for (; k < K; ++k) {
+      const float wk = static_cast<float>(wn[k]);
+      for (int r = 0; r < ROWS; ++r) tail[r] += wk * x[r * K + k];
+    }
+    for (int r = 0; r < ROWS; ++r) out[r * N + n] = tail[r];
+  }
+}
+
+template <typename T>
+void to_float(const T* in, float* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+template <typename T>
+void from_float(const float* in, T* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<T>(in[i]);
+}
+
+template <typename W>
+void float_linear_typed(const float* x, const W* w, float* out, int64_t rows, int64_t K, int64_t N) {
+  const int64_t grain = std::max<int64_t>(8, (1 << 16) / (K * rows));
+  at::parallel_for(0, N, grain, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+      const float* xc = x + r0 * K;
+      float* oc = out + r0 * N;
+      DISPATCH_ROWS(std::min(MAX_ROWS, rows - r0), float_rows, w, K, xc, oc, N, n_begin, n_end)
+    }
+  });
+}
+
+// y [rows, N] = x [rows, K] @ weight [N, K]^T (+ bias), accumulated in float32, in x's dtype.
+at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && x_in.size(1) == weight.size(1), "x [rows, K], weight [N, K]");
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), K = x.size(1), N = weight.size(0);
+  thread_local std::vector<float> x_float, out_float;
+  x_float.resize(rows * K);
+  out_float.resize(rows * N);
+  switch (x.scalar_type()) {
+    case at::kFloat: std::memcpy(x_float.data(), x.data_ptr<float>(), rows * K * sizeof(float)); break;
+    case at::kBFloat16: to_float(x.data_ptr<c10::BFloat16>(), x_float.data(), rows * K); break;
+    case at::kHalf: to_float(x.data_ptr<c10::Half>(), x_float.data(), rows * K); break;
+    default: TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+  switch (weight.scalar_type()) {
+    case at::kFloat: float_linear_typed(x_float.data(), weight.data_ptr<float>(), out_float.data(), rows, K, N); break;
+    case at::kBFloat16: float_linear_typed(x_float.data(), weight.data_ptr<c10::BFloat16>(), out_float.data(), rows, K, N); break;
+    case at::kHalf: float_linear_typed(x_float.data(), weight.data_ptr<c10::Half>(), out_float.data(), rows, K, N); break;
+    default: TORCH_CHECK(false, "weight must be float32, bfloat16 or float16");
+  }
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor b = bias->to(at::kFloat).contiguous();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < N; ++n) out_float[r * N + n] += bp[n];
+  }
+  at::Tensor out = at::empty({rows, N}, x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: std::memcpy(out.data_ptr<float>(), out_float.data(), rows * N * sizeof(float)); break;
+    case at::kBFloat16: from_float(out_float.data(), out.data_ptr<c10::BFloat16>(), rows * N); break;
+    default: from_float(out_float.data(), out.data_ptr<c10::Half>(), rows * N); break;
+  }
+  return out;
 }
 
 }  // namespace
@@ -226,9 +398,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor d, Tensor m, int groupsize) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("float_linear", &float_linear);
 }

@@ -97,6 +97,8 @@ if hasattr(torch.library, "register_fake"):
             lambda x, weight, scales, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::int4_linear")(
             lambda x, packed, d, m, groupsize: x.new_empty(x.shape[0], packed.shape[0]))
+        torch.library.register_fake("gptfast_cpu::float_linear")(
+            lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
 else:  # torch < 2.4
     def _register_fakes():
         pass

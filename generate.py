@@ -235,6 +235,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     parser.add_argument("--report_memory", action="store_true", help="print parameters, model, KV cache and peak memory")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the kernel path each layer shape takes on this CPU (measured once, then cached)")
     parser.add_argument("--profile", type=Path, default=None, help="write a chrome trace of the last sample here")
     parser.add_argument("--pipeline_stages", default=None,
                         help="under torchrun: layers per stage, e.g. 10,10,12 (default: tensor parallel)")
@@ -361,6 +363,13 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
     return timings["interrupted"]
 
 
+def kernel_paths_report(models: list, device) -> str:
+    """Which kernel path each layer shape takes (quantize.py's measured choice; kernels.py's under compile)."""
+    lines = quantize.kernel_paths_summary(models) + kernels.float_paths_summary(models)
+    where = cpu_ops.cpu_description() if torch.device(device).type == "cpu" else str(device)
+    return "\n".join([f"Kernel paths on {where}:"] + [f"  {line}" for line in lines or ["no quantized or compiled layers"]])
+
+
 def report_memory(model: Transformer, layout, device):
     figures = memory.memory_figures(model, device)
     if layout is None:
@@ -391,7 +400,7 @@ def run(args):
 
     if args.interactive and args.max_seq_length is None:
         args.max_seq_length = 1024  # one cache size for every prompt: a compiled decode is not rebuilt per prompt
-    compiled = False
+    compiled = reported = False
     for text in (sys.stdin if args.interactive else [args.prompt]):
         text = text.rstrip("\n")
         if args.interactive and not text:
@@ -409,6 +418,10 @@ def run(args):
                      drafter=drafter, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
             print(f"Compilation time: {time.perf_counter() - compile_start:.2f} s", file=sys.stderr)
             compiled = True
+        if args.verbose and not reported:  # after the compile, which makes the compiled choices
+            reported = True
+            print(kernel_paths_report([model, *(drafter.models if drafter is not None else [])], device),
+                  file=sys.stderr)
         for sample_index in range(args.num_samples):
             profile = args.profile is not None and sample_index == args.num_samples - 1
             if generate_and_print(args, model, tokenizer, prompt, max_seq_length, stop_ids, drafter, layout, profile):

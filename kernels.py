@@ -14,26 +14,32 @@ from model import Attention
 
 
 class DecodeLinear(torch.nn.Linear):
-    """A Linear whose one-token product is written as a reduction, for torch.compile on CPU.
+    """A Linear with paths for one decoded token and for a few verified ones, for torch.compile on CPU.
 
-    Inductor turns `(x * W).sum(-1)` into one vectorised C++ loop that reads the 16-bit weights once,
-    widens them in registers and accumulates in float32. On a 2-core AVX2 machine that reads SmolLM2's
-    weights at about twice the speed of the oneDNN bf16 linear (scripts/bench.py; numbers in the README).
-    Where the plain linear is faster on the running machine, `choose_float_paths` sets `path` to "linear".
+    "reduction": `(x * W).sum(-1)`, which inductor turns into one vectorised C++ loop that reads the 16-bit
+    weights once, widens them in registers and accumulates in float32 (one row only). "native": cpu_ops.cpp's
+    kernel, which does the same and, for up to 4 rows, multiplies each weight it has read with every row, so
+    verifying several drafted tokens costs about as much as one. "linear": oneDNN's matmul (ATen). Which one
+    each number of rows takes is measured on the running machine (`choose_float_paths`); unmeasured, one row
+    takes the reduction and more rows the matmul.
     """
 
-    path = "reduction"
+    paths: dict = {}
+    MAX_ROWS = 8  # longer inputs (prompts) take the matmul
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2] != 1 or self.path == "linear":
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return self.reduction(x)
+        rows = x.shape[:-1].numel()
+        path = self.paths.get(rows, "reduction" if rows == 1 else "linear") if rows <= self.MAX_ROWS else "linear"
+        return self.run_path(path, x)
 
-    def reduction(self, x: Tensor) -> Tensor:
-        y = (x[..., None, :].float() * self.weight.float()).sum(-1)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
+    def run_path(self, path: str, x: Tensor) -> Tensor:
+        if path == "reduction":
+            y = (x[..., None, :].float() * self.weight.float()).sum(-1)
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        if path == "native":
+            y = cpu_ops.ops().float_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 class DecodeAttention(Attention):
@@ -60,20 +66,41 @@ class DecodeAttention(Attention):
 
 @torch.no_grad()
 def choose_float_paths(models: list, choices: cpu_ops.KernelChoices):
-    """Per float linear shape, the reduction (timed compiled) or the plain linear (timed eager: in the graph
-    it is the same external call), whichever is faster on this machine for one token (cached in `choices`)."""
+    """Per float linear shape and number of rows (1 to DecodeLinear.MAX_ROWS), the fastest path on this machine
+    (cached in `choices`): the reduction timed compiled (one row), the matmul and the native kernel timed eager
+    (in the graph they are the same external calls)."""
     from tqdm import tqdm
 
     layers = [m for model in models for m in model.modules() if type(m) is DecodeLinear]
-    keys = {m: f"float {m.out_features}x{m.in_features} {str(m.weight.dtype).removeprefix('torch.')} rows 1 compiled"
-            for m in layers}
+    native = cpu_ops.load()
+
+    def key(module, rows):
+        dtype = str(module.weight.dtype).removeprefix("torch.")
+        return f"float {module.out_features}x{module.in_features} {dtype} rows {rows} compiled"
+
+    keys = [key(m, rows) for m in layers for rows in range(1, DecodeLinear.MAX_ROWS + 1)]
     for module in tqdm(layers, desc="timing compiled paths", unit="layer", leave=False,
-                       disable=all(key in choices.choices for key in keys.values())):
-        x = torch.randn(1, 1, module.in_features, dtype=module.weight.dtype)
-        timers = {"reduction": lambda: cpu_ops.time_compiled(module.reduction, x),
-                  "linear": lambda: cpu_ops.time_call(lambda: torch.nn.functional.linear(x, module.weight, module.bias))}
-        module.path = choices.choose(keys[module], timers)
+                       disable=all(k in choices.choices for k in keys)):
+        module.paths = {}
+        for rows in range(1, DecodeLinear.MAX_ROWS + 1):
+            x = torch.randn(1, rows, module.in_features, dtype=module.weight.dtype)
+            timers = {name: (lambda name=name: cpu_ops.time_call(lambda: module.run_path(name, x)))
+                      for name in ["linear"] + (["native"] if native else [])}
+            if rows == 1:
+                timers["reduction"] = lambda: cpu_ops.time_compiled(lambda x: module.run_path("reduction", x), x)
+            module.paths[rows] = choices.choose(key(module, rows), timers)
     choices.save()
+
+
+def float_paths_summary(models: list) -> list:
+    """One line per distinct float linear shape under compile: its one-token path on this machine."""
+    lines = {}
+    for module in (m for model in models for m in model.modules() if type(m) is DecodeLinear):
+        key = f"float {module.out_features}x{module.in_features}"
+        paths = {**module.paths, DecodeLinear.MAX_ROWS + 1: "linear"}
+        lines.setdefault(key, f"{key}: " + ", ".join(f"{name} ({rows} row{'s' if rows > 1 else ''})" for rows, name
+                                                       in paths.items()))
+    return list(lines.values())
 
 
 def use_decode_kernels(models: list, device, choose: bool = True):

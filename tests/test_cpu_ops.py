@@ -187,13 +187,25 @@ def test_layers_take_their_measured_paths(tmp_path, monkeypatch):
     assert hasattr(module, "packed") and hasattr(module, "blocks") == cpu_ops.load()
 
 
-def test_float_linears_take_their_measured_compiled_path(tmp_path):
+def test_float_linears_take_their_measured_paths(tmp_path):
+    torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
     model = torch.nn.Sequential(linear)
     choices = cpu_ops.KernelChoices(tmp_path / "choices.json")
-    choices.choices["float 32x64 float32 rows 1 compiled"] = {"path": "linear", "us": {}}
+    wanted = {rows: ["native", "linear"][rows % 2] if cpu_ops.load() else "linear" for rows in range(1, 9)}
+    choices.choices.update({f"float 32x64 float32 rows {rows} compiled": {"path": name, "us": {}}
+                            for rows, name in wanted.items()})
     linear.__class__ = kernels.DecodeLinear
     kernels.choose_float_paths([model], choices)
-    assert linear.path == "linear"
-    x = torch.randn(1, 1, 64)
-    assert torch.allclose(linear(x), x @ linear.weight.T + linear.bias) and torch.allclose(linear.reduction(x), linear(x))
+    assert linear.paths == wanted
+    for path in ["reduction", "linear"] + (["native"] if cpu_ops.load() else []):
+        for rows in (1, 3, 4, 5, 8):
+            x = torch.randn(2, rows, 64)
+            assert torch.allclose(linear.run_path(path, x), x @ linear.weight.T + linear.bias, atol=1e-5), (path, rows)
+    x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
+    if cpu_ops.load():  # 16-bit weights widened in registers, float32 sums, rounded once
+        weight = linear.weight.bfloat16()
+        linear16 = kernels.DecodeLinear(64, 32, dtype=torch.bfloat16)
+        linear16.weight.data, linear16.bias.data = weight, linear.bias.bfloat16()
+        reference = (x.float() @ weight.float().T + linear16.bias.float()).bfloat16()
+        assert (linear16.run_path("native", x).float() - reference.float()).abs().max() <= 0.02
