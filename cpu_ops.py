@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,9 @@ def load() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        if shutil.which("ninja") is None:  # pip's ninja, in a virtual environment that is not activated
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         start = time.perf_counter()
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         first_build = not any(build_dir.glob("*.so"))
@@ -135,6 +139,24 @@ def quantized_activations(x: Tensor):
 
 
 # ---------------------------------------------------------------- measured choice
+
+
+def describe_paths(paths: dict, buckets) -> str:
+    """'native (1 row), native (2-8 rows), aten (64 rows)' for a layer's {rows: path} over `buckets` (the numbers
+    of rows timed; the last stands for every longer input), runs of equal paths merged."""
+    if not paths:
+        return "default"
+    parts, rows = [], [r for r in buckets if r in paths]
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or paths[rows[i]] != paths[rows[start]] or rows[i] == buckets[-1]:
+            span = str(rows[start]) if i - 1 == start else f"{rows[start]}-{rows[i - 1]}"
+            span = "longer inputs" if rows[start] == buckets[-1] else f"{span} row{'s' if span != '1' else ''}"
+            parts.append(f"{paths[rows[start]]} ({span})")
+            start = i
+    compiled = f"compiled 1 row: {paths['compiled']}; " if "compiled" in paths else ""
+    return compiled + ", ".join(parts)
+
 
 
 def cache_path() -> Path:

@@ -112,7 +112,9 @@ class DraftLength:
     fewer tokens per second than plain ones, the next `pause` steps are plain, and the pause doubles each time
     drafting fails again (so probing costs a few steps per generation at most); when a drafted step costs more
     than `maximum` + 1 plain steps, no draft can ever pay it back and this drafter stops drafting for good. The
-    first steps are plain, to time the baseline. Fixed (adaptive=False): always `maximum`."""
+    first steps are plain, to time the baseline. The first step of each kind is not timed: under --compile it
+    includes compiling its graph (minutes for a verification), which would stop drafting for good.
+    Fixed (adaptive=False): always `maximum`."""
 
     def __init__(self, maximum: int, adaptive: bool = True, pause: int = 16, baseline_steps: int = 2):
         self.maximum, self.adaptive, self.first_pause = maximum, adaptive, pause
@@ -120,6 +122,7 @@ class DraftLength:
         self.plain_left = baseline_steps if adaptive else 0
         self.step_seconds = {True: None, False: None}  # drafted, plain
         self.drafted_tokens = None
+        self.untimed = {True: True, False: True}  # the first step of each kind: may include a compile
 
     def next(self) -> int:
         return 0 if self.plain_left > 0 or self.never_pays else self.length
@@ -132,12 +135,16 @@ class DraftLength:
         if not self.adaptive:
             return
         key = drafted > 0
-        self.step_seconds[key] = self.average(self.step_seconds[key], seconds)
+        timed, self.untimed[key] = not self.untimed[key], False
+        if timed:
+            self.step_seconds[key] = self.average(self.step_seconds[key], seconds)
         if not key:
             self.plain_left = max(self.plain_left - 1, 0)
             return
-        self.drafted_tokens = self.average(self.drafted_tokens, produced)
         self.length = min(self.length + 2, self.maximum) if accepted == drafted else max(self.length - 1, 1)
+        if not timed:
+            return
+        self.drafted_tokens = self.average(self.drafted_tokens, produced)
         plain = self.step_seconds[False]
         if plain is None:
             return

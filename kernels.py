@@ -97,9 +97,9 @@ def float_paths_summary(models: list) -> list:
     lines = {}
     for module in (m for model in models for m in model.modules() if type(m) is DecodeLinear):
         key = f"float {module.out_features}x{module.in_features}"
-        paths = {**module.paths, DecodeLinear.MAX_ROWS + 1: "linear"}
-        lines.setdefault(key, f"{key}: " + ", ".join(f"{name} ({rows} row{'s' if rows > 1 else ''})" for rows, name
-                                                       in paths.items()))
+        buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))  # the last: every longer input
+        paths = {**module.paths, buckets[-1]: "linear"}
+        lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(paths, buckets)}")
     return list(lines.values())
 
 

@@ -279,27 +279,12 @@ def path_key(module, dtype=None) -> str:
     return key if dtype is None else f"{key} {str(dtype).removeprefix('torch.')}"
 
 
-def describe_paths(paths: dict) -> str:
-    """'native (1 row), native (2-8), aten (64)' for a layer's {rows: path}, runs of equal paths merged."""
-    if not paths:
-        return "default"
-    parts, rows = [], [r for r in ROW_BUCKETS if r in paths]
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or paths[rows[i]] != paths[rows[start]] or rows[i] == ROW_BUCKETS[-1]:
-            span = str(rows[start]) if i - 1 == start else f"{rows[start]}-{rows[i - 1]}"
-            parts.append(f"{paths[rows[start]]} ({span} row{'s' if span != '1' else ''})")
-            start = i
-    compiled = f"compiled 1 row: {paths['compiled']}; " if "compiled" in paths else ""
-    return compiled + ", ".join(parts)
-
-
 def kernel_paths_summary(models: list) -> list:
     """One line per distinct quantized layer shape: which path each number of rows takes on this machine."""
     lines = {}
     for module in (m for model in models for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))):
         key = path_key(module)
-        lines.setdefault(key, f"{key}: {describe_paths(module.paths)}")
+        lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(module.paths, ROW_BUCKETS)}")
     return list(lines.values())
 
 

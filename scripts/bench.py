@@ -16,7 +16,6 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -32,8 +31,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
+import cpu_ops  # noqa: E402
 import drafting  # noqa: E402
 import generate  # noqa: E402
+import memory  # noqa: E402
 import quantize  # noqa: E402
 from cli import ArgumentParser, UsageError  # noqa: E402
 from convert_hf_checkpoint import gguf_field  # noqa: E402
@@ -85,21 +86,15 @@ SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int
              "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16"}
 
 
+WEIGHT_BYTES = {}  # bytes of weights one decoded token reads, per our row's precision or GGUF type
+KERNEL_PATHS = {}  # the kernel path reports of our rows (dict: insertion-ordered set)
+
+
 class BenchError(UsageError):
     """Bad input: one line `error: ...` on stderr, exit code 2."""
 
 
 # ---------------------------------------------------------------- machine description
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def version(package: str) -> str:
@@ -109,8 +104,19 @@ def version(package: str) -> str:
         return "not installed"
 
 
+def read_bandwidth_gb_s() -> float:
+    """The machine's memory read speed as torch sums a 256 MB tensor on the threads in use (median of 5)."""
+    big = torch.ones(64 * 1024 * 1024)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
 def machine_line(threads: int) -> str:
-    return (f"Machine: {cpu_model()}, {os.cpu_count()} cores ({threads} threads used); torch {torch.__version__}, "
+    return (f"Machine: {cpu_ops.cpu_description()}, {os.cpu_count()} cores ({threads} threads used); torch {torch.__version__}, "
             f"transformers {version('transformers')}, llama-cpp-python {version('llama_cpp_python')}")
 
 
@@ -143,7 +149,11 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter)
     else:
         generate.use_eager()
+    warm_up = time.perf_counter()
     generate.generate(model, prompt, new_tokens, stop_ids=(), **extra)  # warm-up: compiles for this model
+    warm_up = time.perf_counter() - warm_up
+    WEIGHT_BYTES[strategy or (quantization or dtype)] = memory.weight_bytes(model)
+    KERNEL_PATHS.setdefault(generate.kernel_paths_report([model, *(drafter.models if drafter else [])], "cpu"), None)
     graphs_before = compiled_graphs()
     speeds, accepted = [], []
     for _ in range(runs):
@@ -152,6 +162,7 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         speeds.append(timings["decode_tokens"] / timings["decode_s"])
         accepted += timings["accepted"]
     notes = ["recompiled while timing"] if compiled_graphs() != graphs_before else []
+    notes.append(f"first call {warm_up:.0f} s")
     if strategy:
         notes.append(f"{1 + sum(accepted) / len(accepted):.2f} tokens per target forward")
     return speeds, output[0, len(prompt_ids):].tolist(), notes
@@ -343,6 +354,7 @@ def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens
     from llama_cpp import Llama
 
     path = llamacpp_gguf(gguf_path, bench_dir, type_name)
+    WEIGHT_BYTES[type_name] = path.stat().st_size
     # The prompt goes in as our token ids (same vocabulary), so every engine sees the same tokens.
     llm = Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + new_tokens), n_threads=threads,
                 n_threads_batch=threads, verbose=False, logits_all=False)
@@ -388,11 +400,18 @@ def plain_row(key: str) -> str:
     return "ours-bf16-grounded" if key.endswith("-grounded") else "ours-bf16"
 
 
-def table(results: dict, runs: int) -> str:
+def row_bytes(key: str):
+    _, _, runner, dtype, quantization = ROWS[key]
+    if key in DRAFTING_ROWS:
+        return None  # several forwards a step: bytes per token are not one read of the weights
+    return WEIGHT_BYTES.get(dtype if runner == "llamacpp" else (quantization or dtype))
+
+
+def table(results: dict, runs: int, bandwidth: float) -> str:
     lines = [
         f"| engine | precision | decode tok/s (median of {runs}) | runs | vs llama.cpp, same bits | vs llama.cpp F16 "
-        "| vs HF eager bf16 | vs plain, same prompt |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        f"| vs HF eager bf16 | vs plain, same prompt | weights GB/s (% of {bandwidth:.1f} GB/s read) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     medians = {key: speeds for key, (speeds, _) in results.items()}
     for key, (speeds, notes) in results.items():
@@ -406,8 +425,15 @@ def table(results: dict, runs: int) -> str:
         drafted = ratio(speeds, medians.get(plain_row(key))) if key in DRAFTING_ROWS and key != plain_row(key) else ""
         lines.append(f"| {engine} | {precision} | {median} | {listed} | {same_bits} | "
                      f"{ratio(speeds, medians.get(LLAMACPP_REFERENCE))} | {ratio(speeds, medians.get(HF_REFERENCE))} "
-                     f"| {drafted} |")
+                     f"| {drafted} | {reads(speeds, row_bytes(key), bandwidth)} |")
     return "\n".join(lines)
+
+
+def reads(speeds, weight_bytes, bandwidth: float) -> str:
+    if not speeds or not weight_bytes:
+        return ""
+    gb_s = statistics.median(speeds) * weight_bytes / 1e9
+    return f"{gb_s:.1f} ({100 * gb_s / bandwidth:.0f}%)"
 
 
 # ---------------------------------------------------------------- CLI
@@ -479,6 +505,7 @@ def run(args):
     prompt_ids = tokenizer.encode(args.prompt)
     grounded_ids = tokenizer.apply_chat_template([{"role": "user", "content": GROUNDED_PROMPT}])
 
+    bandwidth = read_bandwidth_gb_s()
     results = {}
     for key in tqdm(rows, desc="bench", unit="row", file=sys.stderr):
         speeds, tokens, notes = run_row(key, args, grounded_ids if key.endswith("-grounded") else prompt_ids)
@@ -498,7 +525,9 @@ def run(args):
            f"make these numbers unreliable (oversubscribed threads spin-wait), rerun on an idle machine."]
           if load_at_start > 0.5 else []),
         "",
-        table(results, args.runs),
+        table(results, args.runs, bandwidth),
+        *(["", "Kernel paths chosen for our rows (measured on this machine, cached):"] + list(KERNEL_PATHS)
+          if KERNEL_PATHS else []),
     ])
     print(output)
     if args.markdown:

@@ -418,10 +418,12 @@ def test_ngram_index_finds_the_latest_earlier_occurrence():
 
 def test_draft_length_adapts_and_pauses_when_drafting_does_not_pay():
     length = DraftLength(maximum=6, pause=3, baseline_steps=2)
-    for _ in range(2):  # the baseline: plain steps of 10 ms
+    for seconds in (90.0, 0.010):  # the baseline: plain steps of 10 ms, the first one compiling (not timed)
         assert length.next() == 0
-        length.update(0, 0, 1, 0.010)
+        length.update(0, 0, 1, seconds)
     assert length.next() == 6
+    length.update(6, 6, 7, 300.0)  # the first drafted step compiles verification: not timed, not judged
+    assert length.next() == 6 and not length.never_pays and length.step_seconds[True] is None
     length.update(6, 2, 3, 0.015)  # 3 tokens in 15 ms beats 1 in 10 ms: keep drafting, one fewer
     assert length.next() == 5
     length.update(5, 5, 6, 0.024)  # all kept: two more, capped at the maximum
@@ -493,5 +495,5 @@ def test_greedy_adaptive_speculative_equals_greedy(family, tiny_models, tmp_path
     timings = {}
     drafted = generate_tokens(model, prompt, 40, drafter=SpeculativeDrafter(draft, 4), timings=timings)
     assert torch.equal(drafted, plain)
-    # 2 plain steps to time, a drafted one, 16 plain (paused), a drafted one, ...
+    # 2 plain steps to time (the first untimed), a drafted one (untimed), a drafted one (too slow: never again)
     assert timings["accepted"].count(0) >= 20 and max(timings["accepted"]) > 0
