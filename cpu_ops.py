@@ -61,6 +61,20 @@ def cpu_description() -> str:
     return f"{cpu_name()} ({', '.join(f for f in SIMD_FLAGS if f in flags) or 'no AVX2'})"
 
 
+if hasattr(torch.library, "register_fake"):
+    def _register_fakes():
+        """Output shapes for torch.compile: the kernels are opaque calls in the compiled graph."""
+        torch.library.register_fake("gptfast_cpu::int8_linear")(
+            lambda x, weight, scales, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
+        torch.library.register_fake("gptfast_cpu::int4_linear")(
+            lambda x, packed, d, m, groupsize: x.new_empty(x.shape[0], packed.shape[0]))
+        torch.library.register_fake("gptfast_cpu::float_linear")(
+            lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
+else:  # torch < 2.4
+    def _register_fakes():
+        pass
+
+
 def load() -> bool:
     """Build (first time on this CPU) and load the native kernels; False, with one warning, when they cannot be."""
     global _loaded
@@ -87,6 +101,7 @@ def load() -> bool:
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         if first_build:
             print(f"native CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        _register_fakes()  # here, eagerly: a first call to ops() may come while torch.compile traces
         _loaded = True
     except Exception as error:  # no compiler, no ninja, an unsupported CPU: the PyTorch paths still work
         reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else type(error).__name__
@@ -94,29 +109,8 @@ def load() -> bool:
     return _loaded
 
 
-if hasattr(torch.library, "register_fake"):
-    def _register_fakes():
-        """Output shapes for torch.compile: the kernels are opaque calls in the compiled graph."""
-        torch.library.register_fake("gptfast_cpu::int8_linear")(
-            lambda x, weight, scales, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
-        torch.library.register_fake("gptfast_cpu::int4_linear")(
-            lambda x, packed, d, m, groupsize: x.new_empty(x.shape[0], packed.shape[0]))
-        torch.library.register_fake("gptfast_cpu::float_linear")(
-            lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
-else:  # torch < 2.4
-    def _register_fakes():
-        pass
-
-
-_fakes_registered = False
-
-
 def ops():
     """torch.ops.gptfast_cpu once loaded (call load() first)."""
-    global _fakes_registered
-    if not _fakes_registered:
-        _register_fakes()
-        _fakes_registered = True
     return torch.ops.gptfast_cpu
 
 

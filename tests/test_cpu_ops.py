@@ -209,3 +209,27 @@ def test_float_linears_take_their_measured_paths(tmp_path):
         linear16.weight.data, linear16.bias.data = weight, linear.bias.bfloat16()
         reference = (x.float() @ weight.float().T + linear16.bias.float()).bfloat16()
         assert (linear16.run_path("native", x).float() - reference.float()).abs().max() <= 0.02
+
+
+@native
+def test_a_cached_native_choice_compiles_in_a_fresh_process(tmp_path):
+    """With the choice read from the file, the first call of a native kernel can come inside torch.compile's
+    trace: its output shape must already be known (registered when the kernels are loaded)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(cpu_ops.SOURCE.parent)!r})
+import cpu_ops, quantize
+module = quantize.Int4Linear.from_linear(torch.nn.Linear(64, 16), 32)
+choices = cpu_ops.KernelChoices({str(tmp_path / 'c.json')!r})
+key = quantize.path_key(module, torch.float32)
+choices.choices.update({{f"{{key}} rows {{rows}}": {{"path": "native", "us": {{}}}} for rows in quantize.ROW_BUCKETS}})
+module.prepare_for_device(torch.float32, choices)
+x = torch.randn(1, 1, 64)
+assert torch.equal(torch.compile(module, fullgraph=True)(x), module(x))
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
