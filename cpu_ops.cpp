@@ -25,7 +25,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;  // activation quantization block, and the unit of the integer dot product
-constexpr int64_t MAX_ROWS = 4;  // activation rows kept in registers at once
+constexpr int64_t MAX_ROWS = 8;  // activation rows kept in registers at once (a verification of up to 7 drafts)
 
 // x [rows, K] (float, bfloat16 or float16) -> q int8 [rows, K], scale [rows, K/32], scaled_sum [rows, K/32]
 // = scale * sum(q in block).
@@ -258,7 +258,11 @@ at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, const Launch& launch) {
     case 1: KERNEL<1>(__VA_ARGS__); break;             \
     case 2: KERNEL<2>(__VA_ARGS__); break;             \
     case 3: KERNEL<3>(__VA_ARGS__); break;             \
-    default: KERNEL<4>(__VA_ARGS__); break;            \
+    case 4: KERNEL<4>(__VA_ARGS__); break;             \
+    case 5: KERNEL<5>(__VA_ARGS__); break;             \
+    case 6: KERNEL<6>(__VA_ARGS__); break;             \
+    case 7: KERNEL<7>(__VA_ARGS__); break;             \
+    default: KERNEL<8>(__VA_ARGS__); break;            \
   }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t groupsize) {
@@ -294,7 +298,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 // ---------------------------------------------------------------- 16- and 32-bit float weights
 // One decoded token reads each weight once and does one multiply-add with it: memory-bound. A verification of
 // several drafted tokens does one multiply-add per row with each weight it has read and widened to float32:
-// up to 4 rows cost about as much memory traffic as one, which is what makes drafting pay.
+// up to 8 rows cost about as much memory traffic as one, which is what makes drafting pay.
 
 #if defined(__AVX2__)
 template <typename W>

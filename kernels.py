@@ -18,7 +18,7 @@ class DecodeLinear(torch.nn.Linear):
 
     "reduction": `(x * W).sum(-1)`, which inductor turns into one vectorised C++ loop that reads the 16-bit
     weights once, widens them in registers and accumulates in float32 (one row only). "native": cpu_ops.cpp's
-    kernel, which does the same and, for up to 4 rows, multiplies each weight it has read with every row, so
+    kernel, which does the same and, for up to 8 rows, multiplies each weight it has read with every row, so
     verifying several drafted tokens costs about as much as one. "linear": oneDNN's matmul (ATen). Which one
     each number of rows takes is measured on the running machine (`choose_float_paths`); unmeasured, one row
     takes the reduction and more rows the matmul.
