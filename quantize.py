@@ -151,7 +151,10 @@ class Int8Linear(nn.Module):
     def path_names(self, rows) -> list:
         """The eager paths that can compute `rows` rows here, the default first."""
         names = ["dequant" if self.groupsize else "aten"]
-        if hasattr(self, "native_scales"):
+        # Prompts keep the weight-only paths (the float model's arithmetic on the dequantized weights): rounding
+        # a whole prompt's activations to int8 moved SmolLM2's int8 answer off "Paris". Decoded and verified
+        # tokens (up to 8 rows) may take the native kernel, which rounds them per block of 32 as llama.cpp does.
+        if hasattr(self, "native_scales") and rows_bucket(rows) <= ROW_BUCKETS[-2]:
             names.append("native")
         return names
 
@@ -228,8 +231,10 @@ class Int4Linear(nn.Module):
             del self.packed, self.scales_and_zeros
 
     def path_names(self, rows) -> list:
-        """The paths whose weight layouts this layer holds (prepare_for_device frees those not chosen)."""
-        return [name for name, layout in (("aten", "packed"), ("native", "blocks")) if hasattr(self, layout)]
+        """The paths whose weight layouts this layer holds (prepare_for_device frees those not chosen); prompts
+        keep the weight-only ATen kernel, as for int8 (so a layer that decodes natively holds both layouts)."""
+        names = [name for name, layout in (("aten", "packed"), ("native", "blocks")) if hasattr(self, layout)]
+        return [name for name in names if name == "aten" or rows_bucket(rows) <= ROW_BUCKETS[-2]] or names
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         if path == "native":

@@ -157,8 +157,10 @@ def test_full_disk_leaves_no_file(tool, tiny_models, tmp_path):
 
 def interrupt_when(command: list, ready, timeout=300):
     """Start `command`, send SIGINT once ready(stdout so far, stderr so far) holds, return (code, stdout, stderr)."""
+    # SIGINT back to its default in the child: a suite started in the background of a shell inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler.
     process = subprocess.Popen([sys.executable, *map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               cwd=ROOT, env=ENV)
+                               cwd=ROOT, env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.set_blocking(process.stdout.fileno(), False)
     os.set_blocking(process.stderr.fileno(), False)
     out, err, deadline, sent = b"", b"", time.monotonic() + timeout, False

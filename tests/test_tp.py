@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu_ops
 import generate
 import memory
 import pipeline
@@ -24,7 +25,11 @@ import tp_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# The ranks and the single process compared with them must take the same kernel paths: each process times
+# its candidates on its own (under load, concurrently), and the native int8 path rounds activations where ATen's
+# does not, so a different choice can change a greedy token. These tests pin ATen's paths; tests/test_cpu_ops.py
+# checks the native ones.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "GPT_FAST_NO_NATIVE": "1"}
 
 
 def torchrun(nproc: int, *args, timeout=300, env=None):
@@ -136,12 +141,14 @@ def parallel_runs(tiny_models, smollm2_checkpoint, tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(folder / "results.pt")
     references = {}
+    native, cpu_ops._loaded = cpu_ops._loaded, False  # the references take ATen's paths too (see ENV)
     for case in all_cases:
         tp_worker.float32_kernels(case.get("float32_kernels", False))
         model = generate.load_model(case["checkpoint"], "cpu", torch.float32)
         references[case["name"]] = dict(zip(("tokens", "logits"), tp_worker.run_case(model, case["prompt"],
                                                                                      case["new_tokens"])))
     tp_worker.float32_kernels(False)
+    cpu_ops._loaded = native
     return {case["name"]: case for case in all_cases}, results, references
 
 
