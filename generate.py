@@ -125,14 +125,18 @@ def synchronize(device):
 EAGER_FUNCTIONS = {"decode_one_token": decode_one_token, "prefill": prefill}
 
 
-def compile_functions(models: list, device, compile_prefill: bool = False, drafter=None):
+def compile_functions(models: list, device, compile_prefill: bool = False, drafter=None, mode: str = "regional"):
     """Compile the decode step (and optionally prefill, and the drafter's steps) with the decode kernel paths
-    of `device` (kernels.py) for `models` (the target, and a draft model or Medusa heads).
+    of `device` (kernels.py) for `models` (the target, and a draft model or Medusa heads). mode (CPU):
+    "regional" compiles one transformer block for all layers, "whole" the step as one C++ graph (kernels.py);
+    under torchrun always "whole" (the ranks' collectives are not tried inside a region).
 
     Rebinds this module's functions (as gpt-fast does), always from the eager originals."""
     global decode_one_token, prefill
     decode_one_token, prefill = EAGER_FUNCTIONS.values()
-    kernels.use_decode_kernels(models, device)
+    if torch.distributed.is_initialized():
+        mode = "whole"
+    kernels.use_decode_kernels(models, device, mode=mode)
     if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
         quantize.choose_compiled_paths(models, float_dtype(models[0]), cpu_ops.KernelChoices())
     mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
@@ -232,6 +236,10 @@ def parse_args(argv=None):
     parser.add_argument("--posterior_threshold", type=float, default=0.09, help="typical acceptance: probability cap")
     parser.add_argument("--posterior_alpha", type=float, default=0.3, help="typical acceptance: entropy factor")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile_mode", choices=kernels.COMPILE_MODES, default="regional",
+                        help="CPU: regional (one transformer block compiled for all layers: about 30-40 s the first "
+                        "time on 2 cores) or whole (the step as one C++ graph: a few percent faster per token, "
+                        "3-5 minutes to compile)")
     parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     parser.add_argument("--report_memory", action="store_true", help="print parameters, model, KV cache and peak memory")
@@ -412,7 +420,7 @@ def run(args):
         prompt, max_seq_length = prompt_tensor(args, ids, model, drafter, device)
         if args.compile and not compiled:
             models = [model, *(drafter.models if drafter is not None else [])]
-            compile_functions(models, device, args.compile_prefill, drafter)
+            compile_functions(models, device, args.compile_prefill, drafter, args.compile_mode)
             compile_start = time.perf_counter()
             generate(model, prompt, min(args.max_new_tokens, 4), batch_size=args.batch_size, max_seq_length=max_seq_length,
                      drafter=drafter, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

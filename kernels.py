@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import cpu_ops
-from model import Attention
+from model import Attention, TransformerBlock
 
 
 class DecodeLinear(torch.nn.Linear):
@@ -103,9 +103,23 @@ def float_paths_summary(models: list) -> list:
     return list(lines.values())
 
 
-def use_decode_kernels(models: list, device, choose: bool = True):
+class RegionBlock(TransformerBlock):
+    """A TransformerBlock that torch.compile traces and compiles once and then calls for every layer (PyTorch's
+    regional compilation): the C++ compiler sees one block's kernels instead of n_layer copies of them."""
+
+    forward = torch.compiler.nested_compile_region(TransformerBlock.forward)
+
+
+COMPILE_MODES = ("regional", "whole")
+
+
+def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "regional"):
     """Set up `models` (target, draft, Medusa heads) and inductor for a compiled decode on `device`; with
-    `choose`, each float linear's one-token path is the faster of two on this machine (choose_float_paths)."""
+    `choose`, each float linear's one-token path is the faster of two on this machine (choose_float_paths).
+
+    mode "regional": every transformer block is one compiled region shared by all layers, launched by
+    inductor's Python wrapper (its C++ wrapper cannot call a region yet). "whole": one C++ graph for the whole
+    step (cpp_wrapper, no Python between kernels), several times longer to compile. bench.py has both."""
     if torch.device(device).type != "cpu":
         return  # CUDA: inductor's own matmuls and CUDA graphs (mode="reduce-overhead", in generate.py)
     import torch._inductor.config as inductor_config
@@ -115,8 +129,9 @@ def use_decode_kernels(models: list, device, choose: bool = True):
             module.__class__ = DecodeLinear
         elif type(module) is Attention:
             module.__class__ = DecodeAttention
-    # cpp_wrapper drops Python launch overhead between kernels. Freezing stays off: it would fold the
-    # weights' float() into float32 copies and double the bytes read per token.
-    inductor_config.cpp_wrapper = True
+        elif type(module) in (TransformerBlock, RegionBlock):
+            module.__class__ = RegionBlock if mode == "regional" else TransformerBlock
+    # Freezing stays off: it would fold the weights' float() into float32 copies and double the bytes read.
+    inductor_config.cpp_wrapper = mode == "whole"
     if choose:
         choose_float_paths(models, cpu_ops.KernelChoices())

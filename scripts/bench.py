@@ -59,6 +59,10 @@ ROWS = {
     "ours-fp32": ("ours (torch.compile)", "float32", "ours", "float32", None),
     "ours-int8": ("ours (torch.compile)", "int8 per channel", "ours", "bfloat16", "int8"),
     "ours-int4": ("ours (torch.compile)", "int4 g32 (output int8)", "ours", "bfloat16", "int4"),
+    "ours-bf16-whole": ("ours (torch.compile, whole graph)", "bfloat16", "ours-whole", "bfloat16", None),
+    "ours-int8-whole": ("ours (torch.compile, whole graph)", "int8 per channel", "ours-whole", "bfloat16", "int8"),
+    "ours-int4-whole": ("ours (torch.compile, whole graph)", "int4 g32 (output int8)", "ours-whole", "bfloat16",
+                        "int4"),
     "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
     "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
@@ -79,11 +83,14 @@ ROWS = {
 }
 DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa", "ours-lookup"))
                  or key == "ours-bf16-grounded"]
-DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS]  # --eager, --drafting add them
+WHOLE_GRAPH_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-whole"]
+# --eager, --drafting, --whole_graph add the others
+DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + WHOLE_GRAPH_ROWS]
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
 SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
-             "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16"}
+             "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16", "ours-bf16-whole": "llamacpp-f16",
+             "ours-int8-whole": "llamacpp-q8_0", "ours-int4-whole": "llamacpp-q4_0"}
 
 
 WEIGHT_BYTES = {}  # bytes of weights one decoded token reads, per our row's precision or GGUF type
@@ -124,7 +131,7 @@ def machine_line(threads: int) -> str:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None, strategy: str = None):
+               quantization=None, strategy: str = None, mode: str = "regional"):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
     strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
     (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
@@ -146,7 +153,7 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
     extra = {"drafter": drafter}
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     if compiled:  # exactly what `generate.py --compile` does
-        generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter)
+        generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter, mode=mode)
     else:
         generate.use_eager()
     warm_up = time.perf_counter()
@@ -374,11 +381,11 @@ def run_row(key: str, args, prompt_ids: list):
     if args.nproc > 1:
         return bench_ours_parallel(args.checkpoint_path, dtype, args.prompt, args.new_tokens, args.runs, args.nproc,
                                    args.pipeline_stages, runner == "ours", quantization)
-    if runner in ("ours", "ours-eager"):
+    if runner in ("ours", "ours-eager", "ours-whole"):
         strategy = key.removeprefix("ours-").removesuffix("-grounded") if key in DRAFTING_ROWS else None
         strategy = None if strategy == "bf16" else strategy
-        return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner == "ours",
-                          quantization, strategy)
+        return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner != "ours-eager",
+                          quantization, strategy, "whole" if runner == "ours-whole" else "regional")
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":
@@ -455,6 +462,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--rows", help=f"comma list of rows, from: {', '.join(ROWS)}")
     parser.add_argument("--eager", action="store_true", help="add the ours-eager-bf16 row to the default rows")
+    parser.add_argument("--whole_graph", action="store_true",
+                        help="add ours-bf16/int8/int4-whole: generate.py --compile_mode whole (one C++ graph per step)")
     parser.add_argument("--drafting", action="store_true",
                         help="add the speculative and Medusa rows (and ours-bf16, their baseline) to the default rows")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and llama.cpp threads")
@@ -480,7 +489,8 @@ def select_rows(args) -> list:
         if unknown:
             raise BenchError(f"unknown row {unknown[0]!r}; rows are: {', '.join(ROWS)}")
     else:
-        rows = DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (DRAFTING_ROWS if args.drafting else [])
+        rows = (DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (WHOLE_GRAPH_ROWS if args.whole_graph else [])
+                + (DRAFTING_ROWS if args.drafting else []))
     if args.nproc > 1:
         others = [key for key in rows if ROWS[key][2] not in ("ours", "ours-eager") or key in DRAFTING_ROWS]
         if args.rows and others:

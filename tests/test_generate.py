@@ -213,3 +213,25 @@ def test_ignore_eos_never_checks_for_a_stop(tiny_models, monkeypatch):
     unchecked = len(calls)
     generate.generate(model, torch.arange(4), 10, stop_ids=(300,))
     assert unchecked == 1 and len(calls) - unchecked == 1 + 9  # the prefill token's check, then one per decoded token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", kernels.COMPILE_MODES)
+def test_compile_modes_give_eager_tokens(tiny_models, mode):
+    """Both CPU compile modes decode exactly eager's greedy tokens in float32 (Qwen2: windowed upper layers,
+    qkv bias): "regional" swaps every block for the one compiled region, "whole" keeps the plain blocks and
+    inductor's C++ wrapper."""
+    from model import TransformerBlock
+
+    _, _, checkpoint = tiny_models["qwen2"]
+    model = generate.load_model(checkpoint, "cpu", torch.float32)
+    prompt = torch.tensor([3, 17, 42, 5, 9])
+    eager = generate.generate(model, prompt, 24)
+    try:
+        generate.compile_functions([model], "cpu", mode=mode)
+        block_class = kernels.RegionBlock if mode == "regional" else TransformerBlock
+        assert all(type(layer) is block_class for layer in model.layers)
+        assert torch._inductor.config.cpp_wrapper == (mode == "whole")
+        assert torch.equal(generate.generate(model, prompt, 24), eager)
+    finally:
+        generate.use_eager()
