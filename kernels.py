@@ -113,13 +113,14 @@ class RegionBlock(TransformerBlock):
 COMPILE_MODES = ("regional", "whole")
 
 
-def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "regional"):
+def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "whole"):
     """Set up `models` (target, draft, Medusa heads) and inductor for a compiled decode on `device`; with
     `choose`, each float linear's one-token path is the faster of two on this machine (choose_float_paths).
 
     mode "regional": every transformer block is one compiled region shared by all layers, launched by
-    inductor's Python wrapper (its C++ wrapper cannot call a region yet). "whole": one C++ graph for the whole
-    step (cpp_wrapper, no Python between kernels), several times longer to compile. bench.py has both."""
+    inductor's Python wrapper (its C++ wrapper cannot call a region yet): 5-8x shorter to compile, but Python
+    launches every kernel (6-26% fewer tokens/s on a 2-core Zen 1). "whole": one C++ graph for the whole step
+    (cpp_wrapper, no Python between kernels). bench.py compares them (--whole_graph adds the rows)."""
     if torch.device(device).type != "cpu":
         return  # CUDA: inductor's own matmuls and CUDA graphs (mode="reduce-overhead", in generate.py)
     import torch._inductor.config as inductor_config

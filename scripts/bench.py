@@ -59,10 +59,10 @@ ROWS = {
     "ours-fp32": ("ours (torch.compile)", "float32", "ours", "float32", None),
     "ours-int8": ("ours (torch.compile)", "int8 per channel", "ours", "bfloat16", "int8"),
     "ours-int4": ("ours (torch.compile)", "int4 g32 (output int8)", "ours", "bfloat16", "int4"),
-    "ours-bf16-whole": ("ours (torch.compile, whole graph)", "bfloat16", "ours-whole", "bfloat16", None),
-    "ours-int8-whole": ("ours (torch.compile, whole graph)", "int8 per channel", "ours-whole", "bfloat16", "int8"),
-    "ours-int4-whole": ("ours (torch.compile, whole graph)", "int4 g32 (output int8)", "ours-whole", "bfloat16",
-                        "int4"),
+    "ours-bf16-regional": ("ours (torch.compile, regional)", "bfloat16", "ours-regional", "bfloat16", None),
+    "ours-int8-regional": ("ours (torch.compile, regional)", "int8 per channel", "ours-regional", "bfloat16", "int8"),
+    "ours-int4-regional": ("ours (torch.compile, regional)", "int4 g32 (output int8)", "ours-regional", "bfloat16",
+                           "int4"),
     "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
     "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
@@ -83,14 +83,14 @@ ROWS = {
 }
 DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa", "ours-lookup"))
                  or key == "ours-bf16-grounded"]
-WHOLE_GRAPH_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-whole"]
-# --eager, --drafting, --whole_graph add the others
-DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + WHOLE_GRAPH_ROWS]
+REGIONAL_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-regional"]
+# --eager, --drafting, --regional add the others
+DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + REGIONAL_ROWS]
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
 SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
-             "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16", "ours-bf16-whole": "llamacpp-f16",
-             "ours-int8-whole": "llamacpp-q8_0", "ours-int4-whole": "llamacpp-q4_0"}
+             "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16", "ours-bf16-regional": "llamacpp-f16",
+             "ours-int8-regional": "llamacpp-q8_0", "ours-int4-regional": "llamacpp-q4_0"}
 
 
 WEIGHT_BYTES = {}  # bytes of weights one decoded token reads, per our row's precision or GGUF type
@@ -131,7 +131,7 @@ def machine_line(threads: int) -> str:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None, strategy: str = None, mode: str = "regional"):
+               quantization=None, strategy: str = None, mode: str = "whole"):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
     strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
     (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
@@ -381,11 +381,11 @@ def run_row(key: str, args, prompt_ids: list):
     if args.nproc > 1:
         return bench_ours_parallel(args.checkpoint_path, dtype, args.prompt, args.new_tokens, args.runs, args.nproc,
                                    args.pipeline_stages, runner == "ours", quantization)
-    if runner in ("ours", "ours-eager", "ours-whole"):
+    if runner in ("ours", "ours-eager", "ours-regional"):
         strategy = key.removeprefix("ours-").removesuffix("-grounded") if key in DRAFTING_ROWS else None
         strategy = None if strategy == "bf16" else strategy
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner != "ours-eager",
-                          quantization, strategy, "whole" if runner == "ours-whole" else "regional")
+                          quantization, strategy, "regional" if runner == "ours-regional" else "whole")
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":
@@ -462,8 +462,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--rows", help=f"comma list of rows, from: {', '.join(ROWS)}")
     parser.add_argument("--eager", action="store_true", help="add the ours-eager-bf16 row to the default rows")
-    parser.add_argument("--whole_graph", action="store_true",
-                        help="add ours-bf16/int8/int4-whole: generate.py --compile_mode whole (one C++ graph per step)")
+    parser.add_argument("--regional", action="store_true",
+                        help="add ours-bf16/int8/int4-regional: generate.py --compile_mode regional (one block compiled "
+                        "for all layers)")
     parser.add_argument("--drafting", action="store_true",
                         help="add the speculative and Medusa rows (and ours-bf16, their baseline) to the default rows")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and llama.cpp threads")
@@ -489,7 +490,7 @@ def select_rows(args) -> list:
         if unknown:
             raise BenchError(f"unknown row {unknown[0]!r}; rows are: {', '.join(ROWS)}")
     else:
-        rows = (DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (WHOLE_GRAPH_ROWS if args.whole_graph else [])
+        rows = (DEFAULT_ROWS + (["ours-eager-bf16"] if args.eager else []) + (REGIONAL_ROWS if args.regional else [])
                 + (DRAFTING_ROWS if args.drafting else []))
     if args.nproc > 1:
         others = [key for key in rows if ROWS[key][2] not in ("ours", "ours-eager") or key in DRAFTING_ROWS]
