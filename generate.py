@@ -139,8 +139,8 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     kernels.use_decode_kernels(models, device, mode=mode)
     if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
         quantize.choose_compiled_paths(models, float_dtype(models[0]), cpu_ops.KernelChoices())
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
-    decode_one_token = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    cuda_graphs = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
+    decode_one_token = torch.compile(decode_one_token, mode=cuda_graphs, fullgraph=True)
     if drafter is not None:
         drafting.compile_drafting()
     if compile_prefill:

@@ -120,7 +120,7 @@ def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "w
     mode "regional": every transformer block is one compiled region shared by all layers, launched by
     inductor's Python wrapper (its C++ wrapper cannot call a region yet): 5-8x shorter to compile, but Python
     launches every kernel (6-26% fewer tokens/s on a 2-core Zen 1). "whole": one C++ graph for the whole step
-    (cpp_wrapper, no Python between kernels). bench.py compares them (--whole_graph adds the rows)."""
+    (cpp_wrapper, no Python between kernels). bench.py compares them (--regional adds the rows)."""
     if torch.device(device).type != "cpu":
         return  # CUDA: inductor's own matmuls and CUDA graphs (mode="reduce-overhead", in generate.py)
     import torch._inductor.config as inductor_config
