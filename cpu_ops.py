@@ -17,6 +17,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 BLOCK = 32  # the activation quantization block (cpu_ops.cpp's BLOCK)
 _loaded: Optional[bool] = None  # None: not tried yet in this process
+STALE_BUILD_LOCK_S = 600  # a build takes 30-60 s; a lock file this old belongs to a build that died
 
 
 def cpu_flags() -> list:
@@ -95,6 +97,9 @@ def load() -> bool:
         start = time.perf_counter()
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         first_build = not any(build_dir.glob("*.so"))
+        baton = build_dir / "lock"  # left behind by a build that was killed, it would make every later one wait
+        if baton.exists() and time.time() - baton.stat().st_mtime > STALE_BUILD_LOCK_S:
+            baton.unlink(missing_ok=True)
         if first_build:
             print("building the native CPU kernels for this machine (once, about 30 s)...", file=sys.stderr)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -158,16 +163,29 @@ def cache_path() -> Path:
     return Path(root).expanduser() / "kernel_choices.json"
 
 
+def machine_identity() -> dict:
+    """What measured choices and compiled code depend on: the CPU (model and flags), torch, our native source."""
+    return {"cpu": cpu_name(), "flags": " ".join(cpu_flags()), "torch": torch.__version__,
+            "native": SOURCE.exists() and hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]}
+
+
+# Held while a candidate is timed. A decode loop running beside a background measurement (compiled_step.py)
+# waits for it between two tokens, so that neither the timing nor the tokens share the cores.
+MEASURING = threading.Lock()
+
+
 def time_call(fn: Callable, budget_s: float = 0.02) -> float:
     """Median microseconds of one call, over calls filling about `budget_s` (after a warm-up)."""
-    for _ in range(3):
-        fn()
-    samples = []
-    deadline = time.perf_counter() + budget_s
-    while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
+    fn()  # a first call may compile: outside the lock
+    with MEASURING:
+        for _ in range(3):
+            fn()
+        samples = []
+        deadline = time.perf_counter() + budget_s
+        while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 200):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1e6
 
 
@@ -197,8 +215,7 @@ class KernelChoices:
 
     def __init__(self, path: Optional[Path] = None):
         self.path = path or cache_path()
-        self.identity = {"cpu": cpu_name(), "flags": " ".join(cpu_flags()), "torch": torch.__version__,
-                         "native": SOURCE.exists() and hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]}
+        self.identity = machine_identity()
         self.choices, self.measured = {}, 0
         try:
             data = json.loads(self.path.read_text())

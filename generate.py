@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import checkpoint
+import compiled_step
 import cpu_ops
 import drafting
 import kernels
@@ -44,12 +45,17 @@ def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling):
 
 
 def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, stop_ids: Tensor,
-                    callback: Callable, new_tokens: list, **sampling):
-    """Append to new_tokens until num_new_tokens, or until every row has produced a stop token."""
+                    callback: Callable, new_tokens: list, background=None, stages: Optional[list] = None, **sampling):
+    """Append to new_tokens until num_new_tokens, or until every row has produced a stop token. With a
+    `background` compile (compiled_step.py), each token takes the best step it has ready; `stages` gets its name."""
     finished = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
     can_stop = stop_ids.numel() > 0  # otherwise (--ignore_eos, benchmarks) no check: it would sync the device
+    step = decode_one_token
     for _ in range(num_new_tokens):
-        next_token, _ = decode_one_token(model, cur_token, input_pos, **sampling)
+        if background is not None:
+            stage, step = background.next_step()
+            stages.append(stage)
+        next_token, _ = step(model, cur_token, input_pos, **sampling)
         input_pos += 1
         cur_token = next_token.clone()  # CUDA graphs reuse their output buffers
         new_tokens.append(cur_token)
@@ -63,13 +69,15 @@ def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, nu
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
              max_seq_length: Optional[int] = None, stop_ids=(), callback: Callable = lambda token: None,
-             timings: Optional[dict] = None, drafter=None, **sampling) -> Tensor:
+             timings: Optional[dict] = None, drafter=None, background=None, **sampling) -> Tensor:
     """Prompt [T] (repeated batch_size times) or [batch, T] -> [batch, T + generated].
 
     Rows that stopped early keep tokens past their stop; cut them with `until_stop`. With a drafter
     (drafting.SpeculativeDrafter or MedusaDrafter, batch 1): the same tokens as without it when greedy.
-    timings gets prefill_s, decode_s, decode_tokens, the drafts accepted per step, and interrupted=True
-    when Ctrl-C stopped the decode (the tokens so far are returned)."""
+    With a background compile (compiled_step.BackgroundCompile, no drafter), decoding starts eager and takes
+    each compiled stage as it becomes ready. timings gets prefill_s, decode_s, decode_tokens, the drafts
+    accepted per step, the stage of each decoded token, and interrupted=True when Ctrl-C stopped the decode
+    (the tokens so far are returned)."""
     x = prompt if prompt.dim() == 2 else prompt.view(1, -1).repeat(batch_size, 1)
     batch_size, length = x.shape
     device = prompt.device
@@ -91,12 +99,13 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
     callback(first)
     synchronize(device)
     prefill_done = time.perf_counter()
-    tokens, accepted_counts, interrupted = [first], [], False
+    tokens, accepted_counts, stages, interrupted = [first], [], [], False
     try:
         if max_new_tokens > 1 and not torch.isin(first[:, 0], stop_ids).all():
             if drafter is None:
                 input_pos = torch.tensor([length], device=device, dtype=torch.long)
-                decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, tokens, **sampling)
+                decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, tokens, background,
+                                stages, **sampling)
             else:
                 drafting.drafted_decode_n_tokens(model, drafter, first, length, max_new_tokens - 1, stop_ids, callback,
                                                  tokens, accepted_counts, decode_one_token, **sampling)
@@ -105,7 +114,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
     synchronize(device)
     if timings is not None:
         timings.update(prefill_s=prefill_done - start, decode_s=time.perf_counter() - prefill_done,
-                       decode_tokens=len(tokens) - 1, accepted=accepted_counts, interrupted=interrupted)
+                       decode_tokens=len(tokens) - 1, accepted=accepted_counts, stages=stages, interrupted=interrupted)
     return torch.cat([x, *tokens], dim=1)
 
 
@@ -129,12 +138,14 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     """Compile the decode step (and optionally prefill, and the drafter's steps) with the decode kernel paths
     of `device` (kernels.py) for `models` (the target, and a draft model or Medusa heads). mode (CPU):
     "regional" compiles one transformer block for all layers, "whole" the step as one C++ graph (kernels.py);
-    under torchrun always "whole" (the ranks' collectives are not tried inside a region).
+    under torchrun always "whole" (the ranks' collectives are not tried inside a region); "auto" is "whole".
+    This compiles on the first call, which waits for it: what drafting, CUDA, torchrun and --compile_prefill
+    use; the plain CPU decode builds its step in the background instead (compiled_step.py).
 
     Rebinds this module's functions (as gpt-fast does), always from the eager originals."""
     global decode_one_token, prefill
     decode_one_token, prefill = EAGER_FUNCTIONS.values()
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized() or mode == "auto":
         mode = "whole"
     kernels.use_decode_kernels(models, device, mode=mode)
     if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
@@ -236,10 +247,14 @@ def parse_args(argv=None):
     parser.add_argument("--posterior_threshold", type=float, default=0.09, help="typical acceptance: probability cap")
     parser.add_argument("--posterior_alpha", type=float, default=0.3, help="typical acceptance: entropy factor")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument("--compile_mode", choices=kernels.COMPILE_MODES, default="whole",
-                        help="CPU: whole (the step as one C++ graph: the fastest decode, 3-5 minutes to compile the "
-                        "first time on 2 cores) or regional (one transformer block compiled for all layers: 25-40 s "
-                        "to compile, 6-26%% fewer tokens/s)")
+    parser.add_argument("--compile_mode", choices=list(compiled_step.STAGES), default="auto",
+                        help="CPU: the compiled steps built in the background while decoding starts eager: auto "
+                        "(regional, then whole), regional (one transformer block compiled for all layers: 30-40 s "
+                        "the first time on 2 cores, 6-26%% fewer tokens/s than whole) or whole (the step as one C++ "
+                        "graph: the fastest, 2.5-5 minutes the first time). Saved next to the checkpoint for later runs")
+    parser.add_argument("--compile_only", action="store_true",
+                        help="build the compiled CPU decode step for these settings (--compile_mode, --dtype, "
+                        "--batch_size, KV cache length, sampling), save it next to the checkpoint and exit")
     parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     parser.add_argument("--report_memory", action="store_true", help="print parameters, model, KV cache and peak memory")
@@ -249,6 +264,7 @@ def parse_args(argv=None):
     parser.add_argument("--pipeline_stages", default=None,
                         help="under torchrun: layers per stage, e.g. 10,10,12 (default: tensor parallel)")
     args = parser.parse_args(argv)
+    args.compile = args.compile or args.compile_only
     if args.pipeline_stages is not None:
         try:
             args.pipeline_stages = pipeline.parse_stages(args.pipeline_stages)
@@ -271,6 +287,8 @@ def parse_args(argv=None):
         (drafting_modes(args) and args.batch_size != 1,
          "drafting runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path, "
          "--medusa_checkpoint_path or --prompt_lookup_num_tokens"),
+        (args.compile_only and (drafting_modes(args) or args.compile_prefill or args.interactive),
+         "--compile_only builds the plain decode step: drop drafting, --compile_prefill and --interactive"),
         (args.medusa_sampling == "typical" and args.temperature == 0,
          "--medusa_sampling typical needs --temperature > 0 (at 0 Medusa verifies greedily)"),
     ]
@@ -316,8 +334,9 @@ def load_drafter(args, model: Transformer, tokenizer: Tokenizer, device, shard):
     return None
 
 
-def prompt_tensor(args, ids: list, model: Transformer, drafter, device) -> tuple:
-    """The prompt as a tensor and the KV cache length, after checking that both fit."""
+def prompt_tensor(args, ids: list, model: Transformer, drafter, device, round_cache: bool = False) -> tuple:
+    """The prompt as a tensor and the KV cache length, after checking that both fit. round_cache: a length
+    that a saved compiled step serves for other prompts too (compiled_step.cache_length)."""
     if not ids:
         raise UsageError("the prompt is empty; give --prompt some text")
     context = model.args.max_position_embeddings
@@ -325,6 +344,8 @@ def prompt_tensor(args, ids: list, model: Transformer, drafter, device) -> tuple
         raise UsageError(f"the prompt is {len(ids)} tokens but the model's context is {context}; shorten the prompt")
     slack = drafter.slack if drafter is not None else 0
     max_seq_length = args.max_seq_length or len(ids) + args.max_new_tokens + slack
+    if round_cache and args.max_seq_length is None:
+        max_seq_length = compiled_step.cache_length(max_seq_length, context)
     if len(ids) + slack >= max_seq_length:
         raise UsageError(f"the prompt is {len(ids)} tokens but the KV cache holds {max_seq_length}; "
                          "raise --max_seq_length or shorten the prompt")
@@ -333,8 +354,12 @@ def prompt_tensor(args, ids: list, model: Transformer, drafter, device) -> tuple
     return torch.tensor(ids, dtype=torch.long, device=device), max_seq_length
 
 
+def sampling_options(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
 def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: int, stop_ids, drafter, layout,
-                       profile: bool) -> bool:
+                       profile: bool, background=None) -> bool:
     """One sample: stream the first row's text, print the other rows and the summary. True when Ctrl-C stopped it."""
     stream, printing = StreamingDecoder(tokenizer), [True]
 
@@ -345,13 +370,14 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
             else:
                 print(stream.push(int(token[0, 0])), end="", flush=True)
 
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = sampling_options(args)
     timings = {}
     tp.reset_communication(model)
     profiler = torch.profiler.profile() if profile else contextlib.nullcontext()
     with profiler:
         output = generate(model, prompt, args.max_new_tokens, batch_size=args.batch_size, max_seq_length=max_seq_length,
-                          stop_ids=stop_ids, callback=callback, timings=timings, drafter=drafter, **sampling)
+                          stop_ids=stop_ids, callback=callback, timings=timings, drafter=drafter, background=background,
+                          **sampling)
     print()
     for row in range(1, args.batch_size):
         print(f"[{row}] " + tokenizer.decode(until_stop(output[row, len(prompt):].tolist(), stop_ids)))
@@ -366,6 +392,10 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
           f"(prefill {len(prompt)} tokens in {timings['prefill_s']:.2f} s)", file=sys.stderr)
     if drafter is not None:
         print(drafting.acceptance_summary(timings["accepted"], drafter.depth), file=sys.stderr)
+    if background is not None:
+        print(background.summary(timings["stages"]), file=sys.stderr)
+        while background.notes:
+            print(background.notes.pop(0), file=sys.stderr)
     if layout is not None:
         print(tp.communication_line(model, layout, timings["decode_tokens"]), file=sys.stderr)
     return timings["interrupted"]
@@ -388,6 +418,19 @@ def report_memory(model: Transformer, layout, device):
         print(memory.rank_memory_table(rows), file=sys.stderr)
 
 
+def in_background_compile(args, device, layout, drafter) -> bool:
+    return args.compile and device.type == "cpu" and layout is None and drafter is None and not args.compile_prefill
+
+
+def build_command(args, max_seq_length: int) -> list:
+    """generate.py --compile_only with everything that decides the compiled step: compiled_step.py's build process."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--checkpoint_path", str(args.checkpoint_path.resolve()),
+               "--device", "cpu", "--dtype", args.dtype, "--batch_size", str(args.batch_size),
+               "--max_seq_length", str(max_seq_length), "--temperature", repr(args.temperature),
+               "--top_p", repr(args.top_p), "--compile_mode", args.compile_mode, "--compile_only"]
+    return command + (["--top_k", str(args.top_k)] if args.top_k is not None else [])
+
+
 def run(args):
     device = torch.device(args.device)
     check_device(device, DTYPES[args.dtype])
@@ -406,9 +449,15 @@ def run(args):
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - load_start:.2f} s", file=sys.stderr)
     stop_ids = () if args.ignore_eos else tokenizer.eos_ids
 
+    if args.compile_only and not in_background_compile(args, device, layout, drafter):
+        raise UsageError("--compile_only builds the CPU decode step of one process: use --device cpu, without torchrun")
     if args.interactive and args.max_seq_length is None:
         args.max_seq_length = 1024  # one cache size for every prompt: a compiled decode is not rebuilt per prompt
+    # The plain CPU decode starts eager and takes the compiled step when the background has it (compiled_step.py);
+    # drafting, CUDA graphs, torchrun's ranks and a compiled prefill compile before the first token.
+    in_background = in_background_compile(args, device, layout, drafter)
     compiled = reported = False
+    background = None
     for text in (sys.stdin if args.interactive else [args.prompt]):
         text = text.rstrip("\n")
         if args.interactive and not text:
@@ -417,8 +466,18 @@ def run(args):
             ids = encode_prompt(tokenizer, text, args.chat, args.system)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        prompt, max_seq_length = prompt_tensor(args, ids, model, drafter, device)
-        if args.compile and not compiled:
+        prompt, max_seq_length = prompt_tensor(args, ids, model, drafter, device, round_cache=in_background)
+        if in_background and background is None:
+            with torch.device(device):
+                model.setup_caches(max_batch_size=args.batch_size, max_seq_length=max_seq_length)
+            if args.compile_only:
+                compiled_step.build_stages(model, args.checkpoint_path, args.batch_size, sampling_options(args),
+                                           args.compile_mode, log=lambda line: print(line, file=sys.stderr))
+                return
+            background = compiled_step.BackgroundCompile(model, args.checkpoint_path, args.batch_size,
+                                                         sampling_options(args), args.compile_mode,
+                                                         build_command(args, max_seq_length)).start()
+        elif args.compile and not compiled:
             models = [model, *(drafter.models if drafter is not None else [])]
             compile_functions(models, device, args.compile_prefill, drafter, args.compile_mode)
             compile_start = time.perf_counter()
@@ -426,14 +485,17 @@ def run(args):
                      drafter=drafter, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
             print(f"Compilation time: {time.perf_counter() - compile_start:.2f} s", file=sys.stderr)
             compiled = True
-        if args.verbose and not reported:  # after the compile, which makes the compiled choices
-            reported = True
-            print(kernel_paths_report([model, *(drafter.models if drafter is not None else [])], device),
-                  file=sys.stderr)
         for sample_index in range(args.num_samples):
             profile = args.profile is not None and sample_index == args.num_samples - 1
-            if generate_and_print(args, model, tokenizer, prompt, max_seq_length, stop_ids, drafter, layout, profile):
+            if generate_and_print(args, model, tokenizer, prompt, max_seq_length, stop_ids, drafter, layout, profile,
+                                  background):
                 raise KeyboardInterrupt  # what was generated and the summary are printed: now exit 130
+            if args.verbose and not reported:  # after the compile (or some of it), which makes the compiled choices
+                reported = True
+                print(kernel_paths_report([model, *(drafter.models if drafter is not None else [])], device),
+                      file=sys.stderr)
+    if background is not None:
+        background.stop()  # what it finished is saved; the next run goes on from there
     if args.report_memory:
         report_memory(model, layout, device)
 

@@ -4,7 +4,8 @@ On CPU one decoded token is a chain of matrix-vector products. `use_decode_kerne
 for DecodeLinear and each Attention for DecodeAttention, whose one-token cases are written as elementwise
 products and sums that inductor fuses into vectorised loops (the README's "Why the CPU decode is fast" has
 the measurements). Quantized modules (quantize.py) keep their own one-token paths. Longer inputs (prefill,
-verification of several drafted tokens) take the ordinary matmul and SDPA. Eager mode never sees these classes.
+verification of several drafted tokens) take the ordinary matmul and SDPA, and so does eager mode, so that
+the classes can be swapped while an eager step runs (compiled_step.py builds the compiled one meanwhile).
 """
 import torch
 from torch import Tensor
@@ -28,6 +29,8 @@ class DecodeLinear(torch.nn.Linear):
     MAX_ROWS = 8  # longer inputs (prompts) take the matmul
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():  # eager: the matmul (compiled_step.py swaps classes under it)
+            return super().forward(x)
         rows = x.shape[:-1].numel()
         path = self.paths.get(rows, "reduction" if rows == 1 else "linear") if rows <= self.MAX_ROWS else "linear"
         return self.run_path(path, x)
@@ -52,7 +55,7 @@ class DecodeAttention(Attention):
     """
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        if q.shape[2] != 1:
+        if q.shape[2] != 1 or not torch.compiler.is_compiling():
             return super().attend(q, k, v, mask)
         batch, heads, _, head_dim = q.shape
         kv_heads = k.shape[1]
@@ -125,6 +128,16 @@ def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "w
         return  # CUDA: inductor's own matmuls and CUDA graphs (mode="reduce-overhead", in generate.py)
     import torch._inductor.config as inductor_config
 
+    swap_decode_modules(models, mode)
+    # Freezing stays off: it would fold the weights' float() into float32 copies and double the bytes read.
+    inductor_config.cpp_wrapper = mode == "whole"
+    if choose:
+        choose_float_paths(models, cpu_ops.KernelChoices())
+
+
+def swap_decode_modules(models: list, mode: str):
+    """Plain Linear -> DecodeLinear, Attention -> DecodeAttention, and the blocks to RegionBlock ("regional")
+    or TransformerBlock ("whole"). Eager computation is unchanged."""
     for module in (m for model in models for m in model.modules()):
         if type(module) is torch.nn.Linear:  # plain float linears only; quantized modules keep their paths
             module.__class__ = DecodeLinear
@@ -132,7 +145,3 @@ def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "w
             module.__class__ = DecodeAttention
         elif type(module) in (TransformerBlock, RegionBlock):
             module.__class__ = RegionBlock if mode == "regional" else TransformerBlock
-    # Freezing stays off: it would fold the weights' float() into float32 copies and double the bytes read.
-    inductor_config.cpp_wrapper = mode == "whole"
-    if choose:
-        choose_float_paths(models, cpu_ops.KernelChoices())

@@ -1,0 +1,293 @@
+"""The CPU decode step compiled without making anyone wait: built in a background thread while the eager step
+decodes, swapped in between two tokens, saved next to the checkpoint and loaded by later runs.
+
+    model.setup_caches(batch_size, cache_length(prompt + new tokens, context))
+    background = BackgroundCompile(model, checkpoint_path, batch_size, sampling_options).start()
+    generate.generate(model, prompt, n, background=background)  # eager tokens until a compiled step is ready
+
+Stages, each swapped in when it is ready: "regional" (one transformer block compiled for every layer: about
+30-40 s cold on 2 cores) then "whole" (the step as one C++ graph through inductor's C++ wrapper: 2.5-5
+minutes cold, the fastest step). Each is `torch.compile(...).aot_compile(...)`: traced from the live model
+with fake tensors, so the KV cache the eager step is writing is never touched, and serialized
+(save_compiled_function) into `<checkpoint dir>/compiled/`. A later run loads the best stage saved there in a
+few seconds instead of compiling it, from any checkout or virtual environment.
+
+A saved step holds no weights (they stay inputs of the graph). Its file name hashes what the step computes:
+every tensor's name, shape and dtype (quantization, batch size and KV cache length among them), the config,
+the stage and the sampling settings. Inside, it records what it was built with (torch, Python, the CPU's
+model and flags, our native kernels' source): a step from another torch or CPU, or one that does not load,
+is rebuilt, with one line saying why. Guards are dropped when saving (keep_portable_guards_unsafe): the
+name and that record are what say a step fits, and next_step falls back to eager if the cache is resized.
+"""
+import atexit
+import hashlib
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import cpu_ops
+import kernels
+import quantize
+import sampling
+
+STAGES = {"auto": ("regional", "whole"), "regional": ("regional",), "whole": ("whole",)}
+MAGIC = b"gpt-fast compiled decode step 1\n"  # the file format's name and version
+CACHE_ROUNDING = 256  # KV cache lengths are rounded up to a multiple: one saved step serves every short prompt
+
+
+def cache_length(needed: int, context: int) -> int:
+    """The KV cache length for a compiled run that needs `needed` positions: rounded up, within the context."""
+    return max(needed, min(-(-needed // CACHE_ROUNDING) * CACHE_ROUNDING, context))
+
+
+def build_identity() -> dict:
+    """What a compiled step was built with: another value of any of these means building it again."""
+    return {**cpu_ops.machine_identity(), "python": platform.python_version()}
+
+
+def step_digest(model: torch.nn.Module, stage: str, sampling_options: dict) -> str:
+    """A short hash of what the step computes (see the module's docstring)."""
+    tensors = [(name, list(t.shape), str(t.dtype)) for name, t in [*model.named_parameters(), *model.named_buffers()]]
+    text = json.dumps([stage, model.args.to_dict(), sampling_options, tensors], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def artifact_path(checkpoint_path: Path, stage: str, digest: str) -> Path:
+    checkpoint_path = Path(checkpoint_path)
+    return checkpoint_path.parent / "compiled" / f"{checkpoint_path.stem}.{stage}.{digest}.pt2"
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def load_step(path: Path, same_environment_only: bool):
+    """(the compiled step saved at path, None) or (None, a note why it is not used; None when there is none).
+    same_environment_only: None, quietly, for a step saved from another Python environment: loading it
+    there compiles its C++ again (inductor's cache is keyed by the torch install's path), a job for the
+    build process."""
+    if not path.exists():
+        return None, None
+    try:
+        with open(path, "rb") as file:
+            if file.readline() != MAGIC:
+                raise ValueError("not a compiled step file")
+            header = json.loads(file.readline())
+            built_with, environment, step_bytes = dict(header["identity"]), header["environment"], file.read()
+    except Exception as error:
+        return None, f"compiled step {path} is unreadable ({first_line(error)}); building it again"
+    here = build_identity()
+    differs = [key for key in here if built_with.get(key) != here[key]]
+    if differs:
+        what = ", ".join(f"{key} {built_with.get(key)!r}" if key != "flags" else "other CPU flags" for key in differs)
+        return None, f"compiled step {path} was built with {what}; building it again for this machine"
+    if same_environment_only and environment != torch.__file__:
+        return None, None
+    try:
+        cpu_ops.load()  # the step may call our native kernels: their operators must be registered
+        return torch.compiler.load_compiled_function(io.BytesIO(step_bytes)), None
+    except Exception as error:
+        return None, f"compiled step {path} does not load ({first_line(error)}); building it again"
+
+
+def save_step(step, path: Path):
+    """Write atomically: a line naming the format, a JSON line of what it was built with, the step's bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".saving-") as folder:
+        step.save_compiled_function(os.path.join(folder, "step"))
+        header = {"identity": build_identity(), "environment": torch.__file__}
+        with open(os.path.join(folder, "artifact"), "wb") as file:
+            file.write(MAGIC + json.dumps(header).encode() + b"\n" + Path(folder, "step").read_bytes())
+        os.replace(os.path.join(folder, "artifact"), path)
+
+
+def build_step(model: torch.nn.Module, stage: str, batch_size: int, sampling_options: dict):
+    """sampling.decode_one_token compiled ahead of time for this model: "regional" or "whole" (kernels.py)."""
+    device = model.norm.weight.device
+    example = (model, torch.zeros(batch_size, 1, dtype=torch.long, device=device),
+               torch.zeros(1, dtype=torch.long, device=device))
+    options = {"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe, "cpp_wrapper": stage == "whole"}
+    # The blocks are RegionBlocks for both stages; "whole" inlines the regions into one graph.
+    with torch.no_grad(), torch._dynamo.config.patch(inline_invoke_subgraph=stage == "whole"):
+        compiled = torch.compile(sampling.decode_one_token, fullgraph=True, options=options)
+        return compiled.aot_compile((example, dict(sampling_options)))
+
+
+class FileLock:
+    """An flock on a file: exclusive while the build process times a kernel path, shared (and at once released)
+    by the decoding process between two tokens, so that neither the timing nor the tokens share the cores."""
+
+    def __init__(self, path: Path, shared: bool = False):
+        self.path, self.shared, self.file = Path(path), shared, None
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a")
+        fcntl.flock(self.file, fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
+
+
+def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options: dict, mode: str = "auto",
+                 log=print):
+    """What the build process does (generate.py --compile_only): each stage of `mode` loaded if saved and
+    fitting this machine, else built and saved; the kernel paths measured first (unless cached)."""
+    kernels.swap_decode_modules([model], "regional")
+    folder = Path(checkpoint_path).parent / "compiled"
+    cpu_ops.MEASURING = FileLock(folder / ".measuring.lock")  # a decoding process waits while we time
+    chosen = False
+    for stage in STAGES[mode]:
+        path = artifact_path(checkpoint_path, stage, step_digest(model, stage, sampling_options))
+        start = time.perf_counter()
+        step, note = load_step(path, same_environment_only=False)
+        if note:
+            log(note)
+        if step is None:
+            if not chosen:
+                choose_paths(model)
+                chosen = True
+            step = build_step(model, stage, batch_size, sampling_options)
+        save_step(step, path)  # again when loaded: it now records this environment, whose C++ cache has it
+        log(f"compiled step {stage}: {path} ({time.perf_counter() - start:.1f} s)")
+
+
+def choose_paths(model):
+    """Each layer's one-token path under compile, measured on this machine (cached: cpu_ops.KernelChoices)."""
+    choices = cpu_ops.KernelChoices()
+    kernels.choose_float_paths([model], choices)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    quantize.choose_compiled_paths([model], dtype, choices)
+
+
+class BackgroundCompile:
+    """The compiled decode step for `model` (its KV cache already set up), without waiting for the compiler.
+
+    start(): the best saved stage this environment built is loaded at once (a warm start: seconds); the
+    stages still missing are built by `command`, a separate process (generate.py --compile_only: its own
+    interpreter, so the compiler does not hold our GIL), while this one decodes eagerly. The decode loop asks
+    `next_step()` before each token: ("eager", the eager step) until a stage is ready, then (stage, its step),
+    loading each stage the build process has saved as soon as it appears. `notes`: one line per thing a user
+    should know. stop() ends the build process (what it finished stays saved)."""
+
+    POLL_S = 0.25
+
+    def __init__(self, model, checkpoint_path: Path, batch_size: int, sampling_options: dict, mode: str = "auto",
+                 command: Optional[list] = None):
+        kernels.swap_decode_modules([model], "regional")  # eager computation is unchanged
+        self.model, self.command = model, command
+        self.cache_size = (model.max_batch_size, model.max_seq_length)
+        self.stages = STAGES[mode]
+        self.paths = {stage: artifact_path(checkpoint_path, stage, step_digest(model, stage, sampling_options))
+                      for stage in self.stages}
+        self.lock_path = Path(checkpoint_path).parent / "compiled" / ".measuring.lock"
+        self.eager = ("eager", sampling.decode_one_token)
+        self.current = self.eager
+        self.ready = {}  # stage -> (seconds after start, "loaded" | "built")
+        self.notes = []
+        self.process, self.log_path = None, None
+        self.tried = {}  # stage -> the modification time of the saved file last tried
+        self.started = self.polled = 0.0
+
+    def start(self) -> "BackgroundCompile":
+        self.started = time.perf_counter()
+        for stage in reversed(self.stages):  # a warm start: the best stage saved by this environment
+            step, note = load_step(self.paths[stage], same_environment_only=True)
+            if note:
+                self.notes.append(note)
+            if step is not None:
+                self.use(stage, step, "loaded")
+                break
+        if self.current[0] != self.stages[-1] and self.command:
+            self.log_path = self.paths[self.stages[-1]].parent / "build.log"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "w") as log:
+                self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL)
+            atexit.register(self.stop)  # however this process ends (Ctrl-C, an error), the build ends too
+        return self
+
+    def next_step(self):
+        if self.process is not None:
+            with FileLock(self.lock_path, shared=True):  # waits while the build process times a kernel path
+                pass
+            if time.perf_counter() - self.polled > self.POLL_S:
+                self.polled = time.perf_counter()
+                self.poll()
+        if (self.model.max_batch_size, self.model.max_seq_length) != self.cache_size:
+            return self.eager  # the cache was resized: the compiled step assumes its shapes
+        return self.current
+
+    def poll(self):
+        """Load the best stage the build process has saved since we started, if better than ours."""
+        exited = self.process.poll() is not None
+        better = self.stages[self.stages.index(self.current[0]) + 1:] if self.current[0] in self.stages else self.stages
+        for stage in reversed(better):
+            path = self.paths[stage]
+            saved_at = path.stat().st_mtime if path.exists() else None
+            if saved_at is not None and saved_at >= self.wall_started() and self.tried.get(stage) != saved_at:
+                self.tried[stage] = saved_at
+                step, note = load_step(path, same_environment_only=False)
+                if note:
+                    self.notes.append(note)
+                if step is not None:
+                    self.use(stage, step, "built")
+                    break
+        if exited:
+            if self.process.returncode and self.current[0] != self.stages[-1]:
+                self.notes.append(f"the background compile failed (exit code {self.process.returncode}; "
+                                  f"see {self.log_path}); decoding keeps the {self.current[0]} step")
+            self.process = None
+
+    def wall_started(self) -> float:
+        return time.time() - (time.perf_counter() - self.started)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Until the build process has finished and its last stage is loaded; False if still building."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while self.process is not None and (deadline is None or time.perf_counter() < deadline):
+            time.sleep(self.POLL_S)
+            self.poll()
+        return self.process is None
+
+    def stop(self):
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)  # as Ctrl-C: it cleans up (a half-built extension's lock file)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+
+    def use(self, stage: str, step, how: str):
+        self.current = (stage, step)
+        self.ready[stage] = (time.perf_counter() - self.started, how)
+
+    def summary(self, stages: list) -> str:
+        """'Compiled step: tokens 2-9 eager, 10-200 regional (built 31.0 s after start); whole building' for
+        the stages the decode loop used, token by token (the first token comes from the eager prefill)."""
+        runs, start = [], 0
+        for i in range(1, len(stages) + 1):
+            if i == len(stages) or stages[i] != stages[start]:
+                span = f"{start + 2}" if i - 1 == start else f"{start + 2}-{i + 1}"
+                seconds, how = self.ready.get(stages[start], (None, None))
+                when = f" ({how} {seconds:.1f} s after start)" if seconds is not None else ""
+                runs.append(f"{span} {stages[start]}{when}")
+                start = i
+        best = self.stages.index(self.current[0]) if self.current[0] in self.stages else -1
+        pending = list(self.stages[best + 1:])
+        tail = f"; {', '.join(pending)} {'building' if self.process is not None else 'not built'}" if pending else ""
+        return f"Compiled step: tokens {', '.join(runs) or 'none decoded'}{tail}"
