@@ -123,6 +123,11 @@ def build_step(model: torch.nn.Module, stage: str, batch_size: int, sampling_opt
         return compiled.aot_compile((example, dict(sampling_options)))
 
 
+def lowest_priority():
+    """The build process (and the C++ compilers it starts) runs only on cores nothing else wants."""
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+
+
 class FileLock:
     """An flock on a file: exclusive while the build process times a kernel path, shared (and at once released)
     by the decoding process between two tokens, so that neither the timing nor the tokens share the cores."""
@@ -150,14 +155,17 @@ def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options
     folder = Path(checkpoint_path).parent / "compiled"
     cpu_ops.MEASURING = FileLock(folder / ".measuring.lock")  # a decoding process waits while we time
     chosen = False
-    for stage in STAGES[mode]:
+    stages = STAGES[mode]
+    for stage in stages:
         path = artifact_path(checkpoint_path, stage, step_digest(model, stage, sampling_options))
         start = time.perf_counter()
         step, note = load_step(path, same_environment_only=False)
         if note:
             log(note)
         if step is None:
-            if not chosen:
+            # An earlier stage is a stopgap, built with each path's default at once; the last one is built with
+            # the paths measured on this machine (the first measurement compiles 5-10 small graphs: 20-30 s cold).
+            if not chosen and stage == stages[-1]:
                 choose_paths(model)
                 chosen = True
             step = build_step(model, stage, batch_size, sampling_options)
@@ -199,6 +207,7 @@ class BackgroundCompile:
         self.ready = {}  # stage -> (seconds after start, "loaded" | "built")
         self.notes = []
         self.process, self.log_path = None, None
+        self.threads = torch.get_num_threads()
         self.tried = {}  # stage -> the modification time of the saved file last tried
         self.started = self.polled = 0.0
 
@@ -216,7 +225,7 @@ class BackgroundCompile:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "w") as log:
                 self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL, preexec_fn=lowest_priority)
             atexit.register(self.stop)  # however this process ends (Ctrl-C, an error), the build ends too
         return self
 
@@ -227,6 +236,11 @@ class BackgroundCompile:
             if time.perf_counter() - self.polled > self.POLL_S:
                 self.polled = time.perf_counter()
                 self.poll()
+        # While the step is eager, the build gets a core of its own; once a compiled step runs, decoding takes
+        # every core and the build, at the lowest priority, runs when we are idle (between prompts).
+        threads = 1 if self.process is not None and self.current is self.eager else self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if (self.model.max_batch_size, self.model.max_seq_length) != self.cache_size:
             return self.eager  # the cache was resized: the compiled step assumes its shapes
         return self.current
@@ -264,6 +278,7 @@ class BackgroundCompile:
         return self.process is None
 
     def stop(self):
+        torch.set_num_threads(self.threads)
         if self.process is not None:
             self.process.send_signal(signal.SIGINT)  # as Ctrl-C: it cleans up (a half-built extension's lock file)
             try:
