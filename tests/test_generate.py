@@ -1,5 +1,6 @@
 """generate.py: sampling, the CLI on the real model (eager and compiled), and its errors."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,13 +93,31 @@ def test_chat_answers_paris_eager_and_compiled_identically(smollm2_checkpoint):
     prompt = "What is the capital of France? Answer, then name three famous monuments there."
     common = ["--checkpoint_path", smollm2_checkpoint, "--chat", "--prompt", prompt, "--dtype", "float32",
               "--max_new_tokens", "48"]
-    eager, compiled = run_cli(*common), run_cli(*common, "--compile")
+    eager = run_cli(*common)
+    built = run_cli(*common, "--compile_only", "--compile_mode", "whole")  # saved next to the checkpoint
+    compiled = run_cli(*common, "--compile", "--compile_mode", "whole")  # loaded: every token compiled
     assert eager.returncode == 0, eager.stderr
+    assert built.returncode == 0 and "compiled step whole:" in built.stderr, built.stderr
     assert compiled.returncode == 0, compiled.stderr
     assert "Paris" in eager.stdout
     assert compiled.stdout == eager.stdout
-    assert "Compilation time" in compiled.stderr
+    assert re.search(r"Compiled step: tokens 2-\d+ whole \(loaded [\d.]+ s after start\)\n", compiled.stderr)
     assert "tok/s" in compiled.stderr and "GB/s" in compiled.stderr and "peak memory" in compiled.stderr
+
+
+@pytest.mark.slow
+def test_compile_answers_at_once_with_the_eager_step(smollm2_checkpoint, tmp_path):
+    """With nothing saved, --compile does not wait for the compiler: a short answer is all eager, and the
+    build process stops with the run."""
+    (tmp_path / "model.pth").symlink_to(smollm2_checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (smollm2_checkpoint.parent / name).exists():
+            (tmp_path / name).symlink_to(smollm2_checkpoint.parent / name)
+    result = run_cli("--checkpoint_path", tmp_path / "model.pth", "--chat", "--prompt", "What is the capital of France?",
+                     "--max_new_tokens", "12", "--compile", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "eager; regional, whole building" in result.stderr
 
 
 @pytest.mark.slow
@@ -110,6 +129,12 @@ def test_chat_stops_at_eos_bfloat16(smollm2_checkpoint):
     generated = int(result.stderr.split("Generated ")[1].split(" tokens")[0])
     assert generated < 100  # stopped at <|im_end|>, not at the token limit
     assert "<|im_end|>" not in result.stdout
+
+
+def test_compile_only_refuses_drafting(tiny_models, capsys):
+    _, _, checkpoint = tiny_models["llama"]
+    code, err = main_exit(["--checkpoint_path", checkpoint, "--compile_only", "--prompt_lookup_num_tokens", "3"], capsys)
+    assert code == 2 and "--compile_only builds the plain decode step" in err
 
 
 def test_corrupt_tokenizer(tiny_models, tmp_path, capsys):

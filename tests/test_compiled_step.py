@@ -1,0 +1,157 @@
+"""compiled_step.py: the decode step built in a separate process while eager decoding runs, swapped in between
+tokens, saved next to the checkpoint, loaded by later runs, and refused (with a note) when it does not fit."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import compiled_step
+import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = torch.tensor([3, 17, 42, 5, 9])
+CACHE_LENGTH = 64
+
+
+def tiny_model(checkpoint: Path):
+    model = generate.load_model(checkpoint, "cpu", torch.float32)
+    model.setup_caches(max_batch_size=1, max_seq_length=CACHE_LENGTH)
+    return model
+
+
+def build_command(checkpoint: Path, mode: str = "auto") -> list:
+    """What generate.py --compile_only does, for a checkpoint without a tokenizer."""
+    script = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import compiled_step, generate; "
+              "model = generate.load_model(sys.argv[2], 'cpu', torch.float32); "
+              f"model.setup_caches(max_batch_size=1, max_seq_length={CACHE_LENGTH}); "
+              f"compiled_step.build_stages(model, sys.argv[2], 1, {{}}, {mode!r})")
+    return [sys.executable, "-c", script, str(ROOT), str(checkpoint)]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, tmp_path_factory):
+    """A copy of the tiny Llama, its eager greedy tokens, and a decode that ran while both stages were built."""
+    _, _, source = tiny_models["llama"]
+    folder = tmp_path_factory.mktemp("compiled")
+    checkpoint = folder / "model.pth"
+    shutil.copy(source, checkpoint)
+    eager = generate.generate(tiny_model(checkpoint), PROMPT, 40, max_seq_length=CACHE_LENGTH)
+
+    model = tiny_model(checkpoint)
+    background = compiled_step.BackgroundCompile(model, checkpoint, 1, {}, "auto", build_command(checkpoint)).start()
+
+    def wait_for(stage):
+        deadline = time.perf_counter() + 600
+        while stage not in background.ready and time.perf_counter() < deadline:
+            time.sleep(0.1)
+            if background.process is not None:
+                background.poll()
+
+    def callback(token):  # hold the decode at fixed tokens until the next stage is ready: eager, regional, whole
+        produced[0] += 1
+        if produced[0] == 4:
+            wait_for("regional")
+        elif produced[0] == 12:
+            assert background.wait(600), "the build process did not finish"
+
+    produced, timings = [0], {}
+    try:
+        tokens = generate.generate(model, PROMPT, 40, max_seq_length=CACHE_LENGTH, callback=callback, timings=timings,
+                                   background=background)
+    finally:
+        background.stop()
+    return checkpoint, eager, tokens, timings["stages"], background
+
+
+@pytest.mark.slow
+def test_background_compile_gives_eager_tokens_across_stages(built):
+    """Tokens decoded eager, then by the regional step, then by the whole-graph one, as each became ready,
+    are exactly eager's in float32; both stages are saved next to the checkpoint."""
+    checkpoint, eager, tokens, stages, background = built
+    assert torch.equal(tokens, eager)
+    assert stages[:3] == ["eager"] * 3 and "regional" in stages and stages[-1] == "whole"
+    assert stages == sorted(stages, key=["eager", "regional", "whole"].index)  # never back to a worse step
+    assert sorted(path.name.split(".")[1] for path in (checkpoint.parent / "compiled").glob("*.pt2")) == \
+        ["regional", "whole"]
+    assert "tokens 2-4 eager" in background.summary(stages)
+
+
+@pytest.mark.slow
+def test_saved_step_is_loaded_by_a_later_run(built):
+    """A later run (here: another process than the one that built it) starts with the best saved stage."""
+    checkpoint, eager, _, _, _ = built
+    model = tiny_model(checkpoint)
+    background = compiled_step.BackgroundCompile(model, checkpoint, 1, {}, "auto", command=None).start()
+    assert background.current[0] == "whole" and background.ready["whole"][1] == "loaded"
+    assert background.notes == []
+    timings = {}
+    tokens = generate.generate(model, PROMPT, 40, max_seq_length=CACHE_LENGTH, timings=timings, background=background)
+    assert torch.equal(tokens, eager)
+    assert set(timings["stages"]) == {"whole"}
+
+
+def rewrite_header(path: Path, **changes):
+    with open(path, "rb") as file:
+        magic, header, step = file.readline(), json.loads(file.readline()), file.read()
+    header["identity"].update(changes)
+    path.write_bytes(magic + json.dumps(header).encode() + b"\n" + step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changes, said", [({"torch": "2.0.0"}, "torch '2.0.0'"),
+                                           ({"flags": "sse2"}, "other CPU flags")])
+def test_step_from_another_torch_or_cpu_is_refused_with_a_note(built, tmp_path, changes, said):
+    checkpoint, eager, _, _, _ = built
+    copy = tmp_path / "model.pth"
+    shutil.copy(checkpoint, copy)
+    shutil.copytree(checkpoint.parent / "compiled", tmp_path / "compiled")
+    for path in (tmp_path / "compiled").glob("*.pt2"):
+        rewrite_header(path, **changes)
+    model = tiny_model(copy)
+    background = compiled_step.BackgroundCompile(model, copy, 1, {}, "auto", command=None).start()
+    assert background.current[0] == "eager"
+    assert len(background.notes) == 2 and all(said in note and "building it again" in note for note in background.notes)
+    assert torch.equal(generate.generate(model, PROMPT, 40, max_seq_length=CACHE_LENGTH, background=background), eager)
+
+
+@pytest.mark.slow
+def test_corrupt_step_is_rebuilt(built, tmp_path):
+    checkpoint, eager, _, _, _ = built
+    copy = tmp_path / "model.pth"
+    shutil.copy(checkpoint, copy)
+    (tmp_path / "compiled").mkdir()
+    model = tiny_model(copy)
+    path = compiled_step.artifact_path(copy, "regional", compiled_step.step_digest(model, "regional", {}))
+    path.write_bytes(compiled_step.MAGIC + b"{not json\n")
+    notes = []
+    compiled_step.build_stages(model, copy, 1, {}, "regional", log=notes.append)
+    assert "is unreadable" in notes[0] and "building it again" in notes[0]
+    step, note = compiled_step.load_step(path, same_environment_only=True)
+    assert note is None and step is not None
+    background = compiled_step.BackgroundCompile(tiny_model(copy), copy, 1, {}, "regional", command=None).start()
+    assert background.current[0] == "regional"
+
+
+def test_cache_length_is_rounded_within_the_context():
+    assert compiled_step.cache_length(37 + 200, 8192) == 256
+    assert compiled_step.cache_length(257, 8192) == 512
+    assert compiled_step.cache_length(300, 320) == 320  # not past the model's context
+    assert compiled_step.cache_length(400, 320) == 400  # a request past the context is checked elsewhere
+
+
+def test_step_name_follows_what_it_computes(tiny_models):
+    """The file name's hash changes with the KV cache length, the dtype, the stage and the sampling."""
+    _, _, checkpoint = tiny_models["llama"]
+    model = tiny_model(checkpoint)
+    digest = compiled_step.step_digest(model, "whole", {})
+    assert digest == compiled_step.step_digest(tiny_model(checkpoint), "whole", {})
+    assert digest != compiled_step.step_digest(model, "regional", {})
+    assert digest != compiled_step.step_digest(model, "whole", {"temperature": 0.8})
+    model.setup_caches(max_batch_size=1, max_seq_length=2 * CACHE_LENGTH)
+    assert digest != compiled_step.step_digest(model, "whole", {})
+    assert digest != compiled_step.step_digest(tiny_model(checkpoint).bfloat16(), "whole", {})
