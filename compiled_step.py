@@ -1,22 +1,25 @@
-"""The CPU decode step compiled without making anyone wait: built in a background thread while the eager step
+"""The CPU decode step compiled without making anyone wait: built by a separate process while the eager step
 decodes, swapped in between two tokens, saved next to the checkpoint and loaded by later runs.
 
     model.setup_caches(batch_size, cache_length(prompt + new tokens, context))
-    background = BackgroundCompile(model, checkpoint_path, batch_size, sampling_options).start()
+    background = BackgroundCompile(model, checkpoint_path, batch_size, sampling_options, "auto", command).start()
     generate.generate(model, prompt, n, background=background)  # eager tokens until a compiled step is ready
 
-Stages, each swapped in when it is ready: "regional" (one transformer block compiled for every layer: about
-30-40 s cold on 2 cores) then "whole" (the step as one C++ graph through inductor's C++ wrapper: 2.5-5
-minutes cold, the fastest step). Each is `torch.compile(...).aot_compile(...)`: traced from the live model
-with fake tensors, so the KV cache the eager step is writing is never touched, and serialized
-(save_compiled_function) into `<checkpoint dir>/compiled/`. A later run loads the best stage saved there in a
-few seconds instead of compiling it, from any checkout or virtual environment.
+`command` is `generate.py --compile_only ...` (build_stages). Stages, each swapped in when it is ready:
+"regional" (one transformer block compiled for every layer: about 30 s cold on 2 cores, a stopgap built with
+each path's default) then "whole" (the step as one C++ graph through inductor's C++ wrapper, with the kernel
+paths measured on this machine: 2-5 minutes cold, the fastest step). Each is `torch.compile(...).aot_compile`:
+traced with fake tensors and serialized (save_compiled_function) into `<checkpoint dir>/compiled/`.
+
+A separate process, not a thread: a compiler thread holds the GIL that the eager step needs between its ops
+(measured: no compiled step after 300 s). It runs at the lowest priority; while the step is eager we decode
+on one thread so that it has a core, then on all of them, and it builds on in idle time.
 
 A saved step holds no weights (they stay inputs of the graph). Its file name hashes what the step computes:
 every tensor's name, shape and dtype (quantization, batch size and KV cache length among them), the config,
-the stage and the sampling settings. Inside, it records what it was built with (torch, Python, the CPU's
-model and flags, our native kernels' source): a step from another torch or CPU, or one that does not load,
-is rebuilt, with one line saying why. Guards are dropped when saving (keep_portable_guards_unsafe): the
+the stage and the sampling settings. Inside, a JSON line records what it was built with (torch, Python, the
+CPU's model and flags, our native kernels' source): a step from another torch or CPU, or one that does not
+load, is rebuilt, with one line saying why. Guards are dropped when saving (keep_portable_guards_unsafe): the
 name and that record are what say a step fits, and next_step falls back to eager if the cache is resized.
 """
 import atexit

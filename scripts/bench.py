@@ -152,7 +152,7 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         drafter = drafting.MedusaDrafter(heads, parse_tree(strategy.split("-", 1)[1]))
     extra = {"drafter": drafter}
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
-    if compiled:  # exactly what `generate.py --compile` does
+    if compiled:  # the graphs `generate.py --compile` ends with (compiled_step.py saves the same whole graph)
         generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter, mode=mode)
     else:
         generate.use_eager()
