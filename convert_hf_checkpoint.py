@@ -247,6 +247,17 @@ def gguf_tensor(tensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)).reshape(shape)
 
 
+def gguf_blocks(tensor, block_bytes: int) -> torch.Tensor:
+    """The tensor's bytes as [rows, blocks per row, block_bytes] (uint8)."""
+    rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+    return torch.from_numpy(tensor.data.copy()).reshape(rows, -1, block_bytes)
+
+
+def fp16(pair: torch.Tensor) -> torch.Tensor:
+    """[..., 2] bytes of little-endian float16 -> [...] float32."""
+    return pair.contiguous().view(torch.float16).float().squeeze(-1)
+
+
 def gguf_int4_parts(tensor):
     """A Q4_0 / Q4_1 tensor as our int4 g32 parts (values 0..15, scales, zeros), read from its blocks directly.
 
@@ -275,6 +286,70 @@ def gguf_int8_parts(tensor):
     return blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), d
 
 
+def gguf_q4_k_parts(tensor):
+    """A Q4_K tensor as our int4 g32 parts. A super-block of 256 weights is fp16 d, fp16 dmin, 12 bytes holding
+    eight 6-bit scales sc and mins m (one pair per sub-block of 32), and 128 bytes of 4-bit values: each 32
+    bytes hold sub-block 2j in their low nibbles and 2j + 1 in their high ones. w = d sc_j q - dmin m_j, so in our
+    (q - 8) * scale + zero form scale = d sc_j and zero = 8 scale - dmin m_j."""
+    blocks = gguf_blocks(tensor, 144)
+    rows, n = blocks.shape[:2]
+    d, dmin = fp16(blocks[..., 0:2]), fp16(blocks[..., 2:4])
+    sc, m = k_quant_scales_and_mins(blocks[..., 4:16])
+    qs = blocks[..., 16:].reshape(rows, n, 4, 1, 32)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=3).reshape(rows, n * 256)
+    scales = (d[..., None] * sc).reshape(rows, n * 8)
+    zeros = 8 * scales - (dmin[..., None] * m).reshape(rows, n * 8)
+    return q, scales, zeros
+
+
+def k_quant_scales_and_mins(packed: torch.Tensor) -> tuple:
+    """Q4_K's 12 bytes -> 8 scales and 8 mins (float): bytes 0-3 hold scales 0-3 in their low 6 bits, 4-7 mins
+    0-3; the top 2 bits of bytes 0-3 (4-7) are the high bits of scales (mins) 4-7, whose low 4 bits are the low
+    (high) nibbles of bytes 8-11."""
+    low, mid, high = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = torch.cat([low & 0x3F, (high & 0x0F) | ((low >> 2) & 0x30)], dim=-1)
+    mins = torch.cat([mid & 0x3F, (high >> 4) | ((mid >> 2) & 0x30)], dim=-1)
+    return scales.float(), mins.float()
+
+
+def gguf_q5_0_parts(tensor):
+    """A Q5_0 tensor as our int8 g32 parts: a block is fp16 d, 4 bytes whose bit i is element i's fifth bit, and
+    16 bytes whose low nibbles are elements 0-15 and high nibbles 16-31; w = d (q - 16), q in 0..31: int8 values
+    q - 16 with scale d."""
+    blocks = gguf_blocks(tensor, 22)
+    rows = blocks.shape[0]
+    d = fp16(blocks[..., 0:2])
+    fifth = (blocks[..., 2:6, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [rows, n, 4 bytes, 8 bits]
+    nibbles = blocks[..., 6:]
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1) | (fifth.reshape(*fifth.shape[:2], 32) << 4)
+    return (q.to(torch.int8) - 16).reshape(rows, -1), d
+
+
+def gguf_q6_k_parts(tensor):
+    """A Q6_K tensor as our int8 g16 parts: a super-block of 256 weights is 128 bytes of low 4 bits, 64 bytes of
+    high 2 bits, 16 int8 scales (one per 16 weights) and fp16 d. Each half of 128 weights takes 64 low-bit bytes
+    (their low nibbles are weights 0-63 of the half, high nibbles 64-127) and 32 high-bit bytes (bits 2t..2t+1
+    of byte b belong to weight 32t + b). w = d scale_j (q - 32), q in 0..63: int8 values q - 32, scale d scale_j."""
+    blocks = gguf_blocks(tensor, 210)
+    rows, n = blocks.shape[:2]
+    low = blocks[..., 0:128].reshape(rows, n, 2, 1, 64)
+    low = torch.cat([low & 0xF, low >> 4], dim=3).reshape(rows, n, 256)
+    high = blocks[..., 128:192].reshape(rows, n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]
+    high = (high & 3).reshape(rows, n, 256)
+    q = (low | (high << 4)).to(torch.int8) - 32
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).float() * fp16(blocks[..., 208:210])[..., None]
+    return q.reshape(rows, -1), scales.reshape(rows, n * 16)
+
+
+def kept_gguf_types() -> dict:
+    """GGUF type -> (our kind, its group size, reader of its parts): the types our formats hold exactly."""
+    from gguf import GGMLQuantizationType as T
+
+    return {T.Q4_0: ("int4", 32, gguf_int4_parts), T.Q4_1: ("int4", 32, gguf_int4_parts),
+            T.Q4_K: ("int4", 32, gguf_q4_k_parts), T.Q5_0: ("int8", 32, gguf_q5_0_parts),
+            T.Q8_0: ("int8", 32, gguf_int8_parts), T.Q6_K: ("int8", 16, gguf_q6_k_parts)}
+
+
 def convert_gguf(path: Path, output_dir: Path, dtype=None, keep_quantization: bool = False) -> tuple:
     try:
         import gguf
@@ -286,20 +361,22 @@ def convert_gguf(path: Path, output_dir: Path, dtype=None, keep_quantization: bo
         reader = gguf.GGUFReader(str(path))
     except Exception as error:  # the gguf package raises assorted errors on a bad file
         raise ConversionError(f"{path} is not a readable GGUF file ({error})")
-    from gguf import GGMLQuantizationType
-
-    kept_types = {GGMLQuantizationType.Q4_0: ("int4", gguf_int4_parts), GGMLQuantizationType.Q4_1: ("int4", gguf_int4_parts),
-                  GGMLQuantizationType.Q8_0: ("int8", gguf_int8_parts)}
+    kept_types = kept_gguf_types()
     if keep_quantization and not any(t.tensor_type in kept_types for t in reader.tensors):
-        raise ConversionError(f"{path} has no Q4_0, Q4_1 or Q8_0 weights to keep; convert it without --keep_quantization")
+        names = ", ".join(t.name for t in kept_types)
+        raise ConversionError(f"{path} has no {names} weights to keep; convert it without --keep_quantization")
     args = gguf_model_args(reader)
     arch = gguf_field(reader, "general.architecture")
-    state_dict, kept = {}, {}
+    state_dict, kept, dequantized = {}, {}, {}
     for tensor in tqdm(reader.tensors, desc="reading GGUF", unit="tensor"):
         name = rename(tensor.name, GGUF_TOP_NAMES, r"blk\.(\d+)\.(\w+)\.(weight|bias)", GGUF_LAYER_NAMES)
-        kind, read_parts = kept_types.get(tensor.tensor_type, (None, None)) if keep_quantization else (None, None)
+        kind, groupsize, read_parts = kept_types.get(tensor.tensor_type, (None, None, None)) if keep_quantization \
+            else (None, None, None)
         if kind == "int4" and int(tensor.shape[1]) % 8:
             kind = None  # the int4 kernels need out_features to be a multiple of 8
+        if keep_quantization and not kind and tensor.tensor_type.name not in ("F32", "F16", "BF16") \
+                and name != "tok_embeddings.weight":
+            dequantized[tensor.tensor_type.name] = dequantized.get(tensor.tensor_type.name, 0) + 1
         if name == "tok_embeddings.weight":
             state_dict[name] = gguf_tensor(tensor).float()  # the lookup table stays float
             if not (kind and args.tie_word_embeddings):
@@ -310,11 +387,15 @@ def convert_gguf(path: Path, output_dir: Path, dtype=None, keep_quantization: bo
         if arch == "llama" and heads:  # q/k rows (and their scales and zeros) back to HF's order
             parts = tuple(unpermute_rope_rows(part, heads) for part in parts)
         if kind:
-            kept[name] = (kind, parts)
+            kept[name] = (kind, groupsize, parts)
         else:
             state_dict[name] = parts[0]
+    for type_name, count in sorted(dequantized.items()):
+        print(f"note: {count} {type_name} tensor{'s' if count > 1 else ''} dequantized to float (our formats hold "
+              f"{', '.join(t.name for t in kept_types)} exactly, not {type_name})")
     fuse_kept_qkv(kept, state_dict, args)
-    state_dict = cast(fuse_qkv(state_dict, args), dtype)
+    # Float tensors: as asked, else bfloat16 (a 7B Q4_K_M import would be 28 GB in float32).
+    state_dict = cast(fuse_qkv(state_dict, args), dtype or torch.bfloat16)
     if keep_quantization:  # the quantized tensors are not cast: their scales are the GGUF's fp16 values, exactly
         quantization = kept_state_dict(kept, state_dict)
     else:
@@ -324,38 +405,41 @@ def convert_gguf(path: Path, output_dir: Path, dtype=None, keep_quantization: bo
     return args, state_dict, quantization
 
 
-def dequantize_kept(kind: str, parts: tuple) -> torch.Tensor:
-    return dequantize_int4(*parts, 32) if kind == "int4" else dequantize_int8(*parts)
+def dequantize_kept(kind: str, groupsize: int, parts: tuple) -> torch.Tensor:
+    return dequantize_int4(*parts, groupsize) if kind == "int4" else dequantize_int8(*parts)
 
 
 def fuse_kept_qkv(kept: dict, state_dict: dict, args: ModelArgs):
-    """Fuse each layer's kept q, k, v into one wqkv when all three are of one kind; otherwise (mixed types,
-    or some not kept) dequantize the kept ones into `state_dict`, where fuse_qkv fuses them in float."""
+    """Fuse each layer's kept q, k, v into one wqkv when all three are of one kind and group size; otherwise
+    (mixed types, or some not kept) dequantize the kept ones into `state_dict`, where fuse_qkv fuses them."""
     for i in range(args.n_layer):
         names = [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv")]
-        kinds = {kept[n][0] if n in kept else None for n in names}
+        kinds = {kept[n][:2] if n in kept else None for n in names}
         if len(kinds) == 1 and None not in kinds:
-            parts = zip(*(kept.pop(n)[1] for n in names))
-            kept[f"layers.{i}.attention.wqkv.weight"] = (kinds.pop(), tuple(torch.cat(p) for p in parts))
+            parts = zip(*(kept.pop(n)[2] for n in names))
+            kept[f"layers.{i}.attention.wqkv.weight"] = (*kinds.pop(), tuple(torch.cat(p) for p in parts))
         for n in names:
             if n in kept:
                 state_dict[n] = dequantize_kept(*kept.pop(n))
 
 
 def kept_state_dict(kept: dict, state_dict: dict) -> dict:
-    """Put the GGUF's kept layers into `state_dict` in our Int4Linear / Int8Linear (group 32) layouts;
-    returns the quantization record."""
-    layers = {}
-    for name, (kind, parts) in kept.items():
+    """Put the GGUF's kept layers into `state_dict` in our Int4Linear (group 32) / Int8Linear (group 32, or a
+    layer's own: 16 for Q6_K) layouts; returns the quantization record."""
+    layers, own_groupsizes = {}, {}
+    for name, (kind, groupsize, parts) in kept.items():
         prefix = name.removesuffix(".weight")
         if kind == "int4":
             q, scales, zeros = parts
             state_dict.update({f"{prefix}.weight": pack_int4(q), f"{prefix}.scales": scales, f"{prefix}.zeros": zeros})
         else:
             state_dict[f"{prefix}.weight"], state_dict[f"{prefix}.scales"] = parts
+            if groupsize != 32:
+                own_groupsizes[prefix] = groupsize
         layers[prefix] = kind
     mode = "int4" if "int4" in layers.values() else "int8"
-    return {"mode": mode, "groupsize": 32, "int8_groupsize": 32, "layers": layers, "skipped": {}, "source": "gguf"}
+    record = {"mode": mode, "groupsize": 32, "int8_groupsize": 32, "layers": layers, "skipped": {}, "source": "gguf"}
+    return {**record, "layer_groupsizes": own_groupsizes} if own_groupsizes else record
 
 
 def write_gguf_tokenizer(path: Path, reader, directory: Path):
@@ -419,10 +503,12 @@ def run(argv=None):
     source.add_argument("--checkpoint_dir", type=Path, help="local HF model folder (model.pth is written into it); with --gguf, the output folder")
     source.add_argument("--repo_id", help="hub id ORG/NAME: downloaded into checkpoints/ORG/NAME, then converted")
     parser.add_argument("--gguf", type=Path, help="GGUF file to convert (config and tokenizer are taken from it)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="stored dtype (auto: as in the source; GGUF: float32)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="stored dtype of float tensors (auto: as in the source; GGUF: bfloat16)")
     parser.add_argument("--keep_quantization", action="store_true",
-                        help="GGUF only: keep Q4_0/Q4_1 layers as our int4 g32 and Q8_0 layers as int8 g32 "
-                             "(model_int4.g32.pth or model_int8.g32.pth), no float round trip")
+                        help="GGUF only: keep Q4_0/Q4_1/Q4_K layers as our int4 g32, Q8_0/Q5_0 layers as int8 "
+                             "g32 and Q6_K as int8 g16 (model_int4.g32.pth or model_int8.g32.pth), no float round "
+                             "trip; other types are dequantized, with a note")
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where --repo_id and --gguf outputs go")
     if "--gguf" in (argv if argv is not None else sys.argv[1:]):
         # --gguf stands alone as a source; --checkpoint_dir then only names the output folder.

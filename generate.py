@@ -66,33 +66,60 @@ def decode_n_tokens(model: Transformer, cur_token: Tensor, input_pos: Tensor, nu
                 break
 
 
+class PromptCache:
+    """The token ids whose K/V the model's cache holds (one sequence), so that a prompt sharing a prefix with
+    them prefills only the tokens after it: a chat resends its whole history every turn, a server's requests
+    share a system prompt. generate() keeps it up to date, also when a callback or Ctrl-C stops it."""
+
+    def __init__(self):
+        self.ids: list = []
+
+    def shared_prefix(self, ids: list) -> int:
+        """How many of ids' first tokens are cached; never all of them: the last prompt token is always run,
+        its logits give the first new token."""
+        limit, n = min(len(self.ids), len(ids) - 1), 0
+        while n < limit and self.ids[n] == ids[n]:
+            n += 1
+        return n
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_size: int = 1,
              max_seq_length: Optional[int] = None, stop_ids=(), callback: Callable = lambda token: None,
-             timings: Optional[dict] = None, drafter=None, background=None, **sampling) -> Tensor:
+             timings: Optional[dict] = None, drafter=None, background=None, prompt_cache: Optional[PromptCache] = None,
+             **sampling) -> Tensor:
     """Prompt [T] (repeated batch_size times) or [batch, T] -> [batch, T + generated].
 
     Rows that stopped early keep tokens past their stop; cut them with `until_stop`. With a drafter
     (drafting.SpeculativeDrafter or MedusaDrafter, batch 1): the same tokens as without it when greedy.
     With a background compile (compiled_step.BackgroundCompile, no drafter), decoding starts eager and takes
-    each compiled stage as it becomes ready. timings gets prefill_s, decode_s, decode_tokens, the drafts
-    accepted per step, the stage of each decoded token, and interrupted=True when Ctrl-C stopped the decode
-    (the tokens so far are returned)."""
+    each compiled stage as it becomes ready. With a prompt_cache (batch 1), the prompt's prefix that is already
+    in the KV cache is not prefilled again. timings gets prefill_s, decode_s, decode_tokens, reused_tokens (the
+    prompt tokens taken from the cache), the drafts accepted per step, the stage of each decoded token, and
+    interrupted=True when Ctrl-C stopped the decode (the tokens so far are returned)."""
     x = prompt if prompt.dim() == 2 else prompt.view(1, -1).repeat(batch_size, 1)
     batch_size, length = x.shape
     device = prompt.device
     slack = drafter.slack if drafter is not None else 0  # verification writes ahead of the last kept token
     max_seq_length = max_seq_length or length + max_new_tokens + slack
     max_new_tokens = min(max_new_tokens, max_seq_length - length - slack)
+    cache_size = (model.max_batch_size, model.max_seq_length)
     with torch.device(device):
         for m in [model, *(drafter.models if drafter is not None else [])]:
             if isinstance(m, Transformer):
                 m.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
     stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    reused = 0
+    if prompt_cache is not None:
+        if batch_size != 1 or (model.max_batch_size, model.max_seq_length) != cache_size:
+            prompt_cache.ids = []  # a new cache (or rows that differ) holds nothing of before
+        prompt_ids = x[0].tolist()
+        reused = prompt_cache.shared_prefix(prompt_ids) if batch_size == 1 else 0
+        prompt_cache.ids = prompt_ids[:reused]  # still true if prefill fails: it writes positions >= reused only
 
     start = time.perf_counter()
     prompt_pos = torch.arange(length, device=device)
-    first, last_hidden = prefill(model, x, prompt_pos, **sampling)
+    first, last_hidden = prefill(model, x[:, reused:], prompt_pos[reused:], **sampling)
     first = first.clone()
     if drafter is not None:
         drafter.start(x, prompt_pos, last_hidden)
@@ -111,10 +138,14 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
                                                  tokens, accepted_counts, decode_one_token, **sampling)
     except KeyboardInterrupt:  # Ctrl-C: keep what was generated; the caller reports it
         interrupted = True
+    finally:  # the K/V of every token but the last one produced are written (the last was never fed back)
+        if prompt_cache is not None and batch_size == 1:
+            prompt_cache.ids = prompt_ids + [int(token) for token in tokens[:-1]]
     synchronize(device)
     if timings is not None:
         timings.update(prefill_s=prefill_done - start, decode_s=time.perf_counter() - prefill_done,
-                       decode_tokens=len(tokens) - 1, accepted=accepted_counts, stages=stages, interrupted=interrupted)
+                       decode_tokens=len(tokens) - 1, reused_tokens=reused, accepted=accepted_counts, stages=stages,
+                       interrupted=interrupted)
     return torch.cat([x, *tokens], dim=1)
 
 
@@ -211,19 +242,9 @@ def check_device(device: torch.device, dtype: torch.dtype):
 # ---------------------------------------------------------------- CLI
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__)
+def add_model_arguments(parser: ArgumentParser):
+    """The flags that say which model runs and how: generate.py's, and the server's (server.py)."""
     parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"))
-    parser.add_argument("--prompt", default="Hello, my name is", help="the prompt (the user message with --chat)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until EOF")
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -252,14 +273,44 @@ def parse_args(argv=None):
                         "(regional, then whole), regional (one transformer block compiled for all layers: 30-40 s "
                         "the first time on 2 cores, 6-26%% fewer tokens/s than whole) or whole (the step as one C++ "
                         "graph: the fastest, 2.5-5 minutes the first time). Saved next to the checkpoint for later runs")
+    parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the kernel path each layer shape takes on this CPU (measured once, then cached)")
+
+
+def model_argument_checks(args) -> list:
+    """(failed, message) for the flags of add_model_arguments."""
+    return [
+        (args.max_seq_length is not None and args.max_seq_length < 2, "--max_seq_length must be at least 2"),
+        (args.speculate_k < 1, "--speculate_k must be at least 1"),
+        (args.prompt_lookup_num_tokens is not None and args.prompt_lookup_num_tokens < 1,
+         "--prompt_lookup_num_tokens must be at least 1"),
+        (args.max_matching_ngram_size < 1, "--max_matching_ngram_size must be at least 1"),
+        (drafting_modes(args) > 1,
+         "give one of --draft_checkpoint_path, --medusa_checkpoint_path and --prompt_lookup_num_tokens, not several"),
+    ]
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", default="Hello, my name is", help="the prompt (the user message with --chat)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--interactive", action="store_true",
+                        help="read prompts from stdin, one per line, until EOF or /exit; with --chat they are the turns "
+                        "of one conversation, its history kept (/reset starts a new one)")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--compile_only", action="store_true",
                         help="build the compiled CPU decode step for these settings (--compile_mode, --dtype, "
                         "--batch_size, KV cache length, sampling), save it next to the checkpoint and exit")
-    parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
     parser.add_argument("--report_memory", action="store_true", help="print parameters, model, KV cache and peak memory")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the kernel path each layer shape takes on this CPU (measured once, then cached)")
     parser.add_argument("--profile", type=Path, default=None, help="write a chrome trace of the last sample here")
     parser.add_argument("--pipeline_stages", default=None,
                         help="under torchrun: layers per stage, e.g. 10,10,12 (default: tensor parallel)")
@@ -270,20 +321,13 @@ def parse_args(argv=None):
             args.pipeline_stages = pipeline.parse_stages(args.pipeline_stages)
         except ValueError as error:
             parser.error(str(error))
-    checks = [
+    checks = model_argument_checks(args) + [
         (args.num_samples < 1, "--num_samples must be at least 1"),
         (args.max_new_tokens < 1, "--max_new_tokens must be at least 1"),
         (args.batch_size < 1, "--batch_size must be at least 1"),
         (args.temperature < 0, "--temperature must be >= 0 (0 is greedy)"),
         (args.top_k is not None and args.top_k < 1, "--top_k must be at least 1"),
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
-        (args.max_seq_length is not None and args.max_seq_length < 2, "--max_seq_length must be at least 2"),
-        (args.speculate_k < 1, "--speculate_k must be at least 1"),
-        (args.prompt_lookup_num_tokens is not None and args.prompt_lookup_num_tokens < 1,
-         "--prompt_lookup_num_tokens must be at least 1"),
-        (args.max_matching_ngram_size < 1, "--max_matching_ngram_size must be at least 1"),
-        (drafting_modes(args) > 1,
-         "give one of --draft_checkpoint_path, --medusa_checkpoint_path and --prompt_lookup_num_tokens, not several"),
         (drafting_modes(args) and args.batch_size != 1,
          "drafting runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path, "
          "--medusa_checkpoint_path or --prompt_lookup_num_tokens"),
@@ -304,11 +348,41 @@ def drafting_modes(args) -> int:
                                        args.prompt_lookup_num_tokens))
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool, system: Optional[str] = None) -> list:
+def encode_prompt(tokenizer: Tokenizer, text: Optional[str], chat: bool, system: Optional[str] = None,
+                  messages: Optional[list] = None) -> list:
+    """The prompt's token ids: text as it is, or with chat, the messages (default: text as the user's) after
+    the system message, through the chat template."""
     if not chat:
         return tokenizer.encode(text)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages)
+    messages = messages if messages is not None else [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(([{"role": "system", "content": system}] if system else []) + messages)
+
+
+class Conversation:
+    """--chat --interactive: the history as chat messages, rendered whole through the template every turn (the
+    KV cache's PromptCache then prefills only the new turn). Turns that no longer fit the cache are dropped,
+    oldest first, the system message kept."""
+
+    def __init__(self, tokenizer: Tokenizer, system: Optional[str] = None):
+        self.tokenizer, self.system, self.turns = tokenizer, system, []
+
+    def prompt(self, user_text: str, room: int) -> tuple:
+        """(the token ids of the history plus this user message, the number of old turns dropped so that they fit
+        in `room` tokens). The newest message alone is never dropped: prompt_tensor reports it if too long."""
+        self.turns.append([{"role": "user", "content": user_text}])
+        dropped = 0
+        while True:
+            ids = encode_prompt(self.tokenizer, None, True, self.system, sum(self.turns, []))
+            if len(ids) <= room or len(self.turns) == 1:
+                return ids, dropped
+            self.turns.pop(0)
+            dropped += 1
+
+    def answered(self, text: str):
+        self.turns[-1].append({"role": "assistant", "content": text})
+
+    def reset(self):
+        self.turns = []
 
 
 def load_drafter(args, model: Transformer, tokenizer: Tokenizer, device, shard):
@@ -359,8 +433,9 @@ def sampling_options(args) -> dict:
 
 
 def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: int, stop_ids, drafter, layout,
-                       profile: bool, background=None) -> bool:
-    """One sample: stream the first row's text, print the other rows and the summary. True when Ctrl-C stopped it."""
+                       profile: bool, background=None, prompt_cache: Optional[PromptCache] = None) -> tuple:
+    """One sample: stream the first row's text, print the other rows and the summary.
+    (True when Ctrl-C stopped it, the first row's text)."""
     stream, printing = StreamingDecoder(tokenizer), [True]
 
     def callback(token):  # stream the first row until it stops; other rows are printed at the end
@@ -377,7 +452,7 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
     with profiler:
         output = generate(model, prompt, args.max_new_tokens, batch_size=args.batch_size, max_seq_length=max_seq_length,
                           stop_ids=stop_ids, callback=callback, timings=timings, drafter=drafter, background=background,
-                          **sampling)
+                          prompt_cache=prompt_cache, **sampling)
     print()
     for row in range(1, args.batch_size):
         print(f"[{row}] " + tokenizer.decode(until_stop(output[row, len(prompt):].tolist(), stop_ids)))
@@ -389,7 +464,8 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
           f"{timings['prefill_s'] + timings['decode_s']:.2f} s: {tokens_per_s:.1f} tok/s, "
           f"{memory.weight_bytes(model) * tokens_per_s / args.batch_size / 1e9:.1f} GB/s, "
           f"peak memory {memory.peak_memory_gb(prompt.device):.2f} GB "
-          f"(prefill {len(prompt)} tokens in {timings['prefill_s']:.2f} s)", file=sys.stderr)
+          f"(prefill {prefill_counts(len(prompt), timings['reused_tokens'])} in {timings['prefill_s']:.2f} s)",
+          file=sys.stderr)
     if drafter is not None:
         print(drafting.acceptance_summary(timings["accepted"], drafter.depth), file=sys.stderr)
     if background is not None:
@@ -398,7 +474,13 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
             print(background.notes.pop(0), file=sys.stderr)
     if layout is not None:
         print(tp.communication_line(model, layout, timings["decode_tokens"]), file=sys.stderr)
-    return timings["interrupted"]
+    return timings["interrupted"], tokenizer.decode(until_stop(output[0, len(prompt):].tolist(), stop_ids))
+
+
+def prefill_counts(prompt_tokens: int, reused: int) -> str:
+    if not reused:
+        return f"{prompt_tokens} tokens"
+    return f"{prompt_tokens - reused} new prompt tokens, {reused} reused from the KV cache,"
 
 
 def kernel_paths_report(models: list, device) -> str:
@@ -458,12 +540,31 @@ def run(args):
     in_background = in_background_compile(args, device, layout, drafter)
     compiled = reported = False
     background = None
+    # --interactive: the KV cache keeps what the last prompt and answer left, so the next prompt prefills only
+    # what is new; with --chat the history is kept (a Conversation), /reset starts a new one, /exit ends.
+    prompt_cache = PromptCache() if args.interactive else None
+    conversation = Conversation(tokenizer, args.system) if args.interactive and args.chat else None
     for text in (sys.stdin if args.interactive else [args.prompt]):
         text = text.rstrip("\n")
-        if args.interactive and not text:
+        if args.interactive and not text.strip():
+            continue
+        if args.interactive and text.strip() in ("/exit", "/quit"):
+            break
+        if args.interactive and text.strip() == "/reset":
+            if conversation is not None:
+                conversation.reset()
+            print("(the conversation is reset)", file=sys.stderr)
             continue
         try:
-            ids = encode_prompt(tokenizer, text, args.chat, args.system)
+            if conversation is not None:
+                room = args.max_seq_length - args.max_new_tokens - (drafter.slack if drafter is not None else 0)
+                ids, dropped = conversation.prompt(text, room)
+                if dropped:
+                    print(f"(the conversation outgrew the KV cache of {args.max_seq_length} positions: dropped its "
+                          f"{dropped} oldest turn{'s' if dropped > 1 else ''}; raise --max_seq_length to keep more)",
+                          file=sys.stderr)
+            else:
+                ids = encode_prompt(tokenizer, text, args.chat, args.system)
         except ValueError as error:
             raise UsageError(str(error)) from None
         prompt, max_seq_length = prompt_tensor(args, ids, model, drafter, device, round_cache=in_background)
@@ -487,9 +588,12 @@ def run(args):
             compiled = True
         for sample_index in range(args.num_samples):
             profile = args.profile is not None and sample_index == args.num_samples - 1
-            if generate_and_print(args, model, tokenizer, prompt, max_seq_length, stop_ids, drafter, layout, profile,
-                                  background):
+            interrupted, answer = generate_and_print(args, model, tokenizer, prompt, max_seq_length, stop_ids, drafter,
+                                                     layout, profile, background, prompt_cache)
+            if interrupted:
                 raise KeyboardInterrupt  # what was generated and the summary are printed: now exit 130
+        if conversation is not None:
+            conversation.answered(answer)
             if args.verbose and not reported:  # after the compile (or some of it), which makes the compiled choices
                 reported = True
                 print(kernel_paths_report([model, *(drafter.models if drafter is not None else [])], device),

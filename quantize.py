@@ -143,7 +143,9 @@ class Int8Linear(nn.Module):
         if not self.groupsize:  # ATen's per-channel kernel takes its scales in the activations' dtype
             self.register_buffer("kernel_scales", self.scales.to(kernel_dtype(dtype)), persistent=False)
         # The native kernel needs weights within [-127, 127] (its sign trick); a GGUF may hold a -128.
-        if cpu_ops.load() and self.in_features % cpu_ops.BLOCK == 0 and self.weight.min() > -128:
+        # Its groups must be whole blocks of 32 activations (a Q6_K layer's groups of 16 are not).
+        whole_blocks = self.in_features % cpu_ops.BLOCK == 0 and (self.groupsize or cpu_ops.BLOCK) % cpu_ops.BLOCK == 0
+        if cpu_ops.load() and whole_blocks and self.weight.min() > -128:
             groups = self.scales.float().reshape(self.out_features, -1).contiguous()
             self.register_buffer("native_scales", groups, persistent=False)
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
@@ -443,16 +445,19 @@ def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool 
     """Replace the linears named in the plan, in place: with empty modules (to be loaded from a quantized
     checkpoint `source`) or, with quantize_weights, with modules quantized from the float weights they replace
     (int4 layers by GPTQ where `hessians` has theirs, else by rounding to nearest)."""
+    # "layer_groupsizes" (GGUF imports): an int8 group size of a layer's own, e.g. 16 for a Q6_K tensor.
+    own_groupsizes = quantization.get("layer_groupsizes") or {}
     if source is not None:  # a record read from a file: a layer it names must be one of the model's linears
-        unknown = [name for name in quantization["layers"] if name not in linear_names(model)]
+        unknown = [name for name in [*quantization["layers"], *own_groupsizes] if name not in linear_names(model)]
         groupsizes = {quantization.get("groupsize"), quantization.get("int8_groupsize")} - {None}
-        if unknown or not groupsizes <= set(GROUP_SIZES):
-            what = f"names {unknown[0]!r}, not a linear of this model" if unknown else f"has group size {groupsizes}"
+        if unknown or not groupsizes <= set(GROUP_SIZES) or not set(own_groupsizes.values()) <= {16, *GROUP_SIZES}:
+            what = f"names {unknown[0]!r}, not a linear of this model" if unknown else \
+                f"has group size {groupsizes | set(own_groupsizes.values())}"
             raise CheckpointError(f"{source}: its quantization record {what}; quantize the float checkpoint again")
     names = [name for name, kind in quantization["layers"].items() if kind != "float"]
-    int8_groupsize = quantization.get("int8_groupsize")
     for name in tqdm(names, desc=f"quantizing to {quantization['mode']}", unit="layer", disable=not quantize_weights):
         kind = quantization["layers"][name]
+        int8_groupsize = own_groupsizes.get(name, quantization.get("int8_groupsize"))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = model.get_submodule(name)

@@ -80,6 +80,8 @@ ROWS = {
     "llamacpp-q8_0": ("llama.cpp (llama-cpp-python)", "Q8_0 GGUF", "llamacpp", "Q8_0", None),
     "llamacpp-q4_0": ("llama.cpp (llama-cpp-python)", "Q4_0 GGUF", "llamacpp", "Q4_0", None),
     "llamacpp-q4_1": ("llama.cpp (llama-cpp-python)", "Q4_1 GGUF (the source file)", "llamacpp", "source", None),
+    "llamacpp-q4_k_m": ("llama.cpp (llama-cpp-python)", "Q4_K_M GGUF (llama.cpp's quantizer)", "llamacpp", "Q4_K_M",
+                        None),
 }
 DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa", "ours-lookup"))
                  or key == "ours-bf16-grounded"]
@@ -281,8 +283,9 @@ def bench_hf_compile(gguf_path: Path, dtype: str, prompt_ids: list, new_tokens: 
 # ---------------------------------------------------------------- llama.cpp
 
 
-def write_gguf(source: Path, dest: Path, tensor_type) -> Path:
-    """Copy a GGUF with every tensor re-encoded as `tensor_type` (a gguf.GGMLQuantizationType).
+def write_gguf(source: Path, dest: Path, tensor_type, encode=None) -> Path:
+    """Copy a GGUF with every tensor re-encoded as `tensor_type` (a gguf.GGMLQuantizationType), or as
+    `encode(name, float32 weights)` says: (the encoded array, its type) for each 2-D tensor (tests mix types).
 
     All metadata is copied (general.file_type updated to match); tensors keep llama.cpp's own layout
     (GGUF to GGUF: no q/k un-permuting). 1-D tensors (norms) stay F32, as llama.cpp's quantizer keeps them.
@@ -310,7 +313,8 @@ def write_gguf(source: Path, dest: Path, tensor_type) -> Path:
             weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
             weights = weights.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims fastest first
             kind = gguf.GGMLQuantizationType.F32 if weights.ndim == 1 else tensor_type
-            writer.add_tensor(tensor.name, quantize(weights, kind), raw_dtype=kind)
+            data, kind = encode(tensor.name, weights) if encode and weights.ndim > 1 else (quantize(weights, kind), kind)
+            writer.add_tensor(tensor.name, data, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -322,6 +326,10 @@ def write_gguf(source: Path, dest: Path, tensor_type) -> Path:
     return dest
 
 
+# llama.cpp's own quantization mixes (a type per tensor, chosen by its quantizer), made from the F16 file.
+LLAMACPP_MIXES = ("Q4_K_M", "Q5_K_M")
+
+
 def llamacpp_gguf(source: Path, bench_dir: Path, type_name: str) -> Path:
     import gguf
 
@@ -330,7 +338,32 @@ def llamacpp_gguf(source: Path, bench_dir: Path, type_name: str) -> Path:
     dest = bench_dir / f"{source.stem}.{type_name}.gguf"
     if not dest.is_file():
         tqdm.write(f"writing {dest} (once; cached for later runs)", file=sys.stderr)
-        write_gguf(source, dest, gguf.GGMLQuantizationType[type_name])
+        if type_name in LLAMACPP_MIXES:
+            llamacpp_quantize(llamacpp_gguf(source, bench_dir, "F16"), dest, type_name)
+        else:
+            write_gguf(source, dest, gguf.GGMLQuantizationType[type_name])
+    return dest
+
+
+def llamacpp_quantize(source: Path, dest: Path, mix: str) -> Path:
+    """llama.cpp's quantizer (through llama-cpp-python's C API) writes `mix` (e.g. Q4_K_M) from `source`;
+    to a .tmp name first. Where a tensor's width is not a multiple of 256, it falls back to other types."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise BenchError(f"writing a {mix} GGUF needs llama.cpp's quantizer: pip install llama-cpp-python") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    params.nthread = os.cpu_count() or 1
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise BenchError(f"llama.cpp could not quantize {source} to {mix}")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
 
 

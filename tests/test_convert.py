@@ -175,5 +175,57 @@ def test_keep_quantization_of_a_gguf_with_nothing_to_keep(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     code, err = run_main(["--gguf", path, "--checkpoint_dir", tmp_path / "out", "--keep_quantization"], capsys)
-    assert code == 2 and "has no Q4_0, Q4_1 or Q8_0 weights to keep; convert it without --keep_quantization" in err
+    assert code == 2 and "has no Q4_0, Q4_1, Q4_K, Q5_0, Q8_0, Q6_K weights to keep; convert it without" in err
     assert not list((tmp_path / "out").glob("model*"))
+
+
+class FakeTensor:
+    """What the GGUF block readers use of a gguf.ReaderTensor: its bytes, shape (fastest dim first) and type."""
+
+    def __init__(self, data, rows, columns, tensor_type):
+        self.data, self.shape, self.tensor_type = data, [columns, rows], tensor_type
+
+
+def random_blocks(type_name: str, rows: int, columns: int, seed: int = 0):
+    """Random bytes laid out as `type_name` blocks: any bytes are a valid block once its float16 fields hold
+    finite numbers, which we put there (d, and dmin for Q4_K)."""
+    import gguf
+    import numpy as np
+
+    kind = gguf.GGMLQuantizationType[type_name]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, columns // block, block_bytes), dtype=np.uint8)
+    halves = {"Q4_K": [0, 2], "Q5_0": [0], "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q6_K": [208]}[type_name]
+    for offset in halves:
+        values = rng.uniform(-0.02, 0.02, size=(rows, columns // block)).astype(np.float16)
+        data[..., offset:offset + 2] = values.view(np.uint8).reshape(rows, columns // block, 2)
+    return FakeTensor(data.reshape(rows, -1), rows, columns, kind)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q4_1"])
+def test_gguf_blocks_kept_dequantize_as_gguf_does(type_name):
+    """Each kept type read into our parts (int4 g32 values, scales and zeros; int8 values and scales of group
+    32, or 16 for Q6_K) dequantizes to what the gguf package's dequantize gives: exactly for the int8 kinds,
+    within float32 rounding for int4 (our (q - 8) * scale + zero orders the operations differently)."""
+    from gguf.quants import dequantize
+
+    import convert_hf_checkpoint as converter
+    from quantize import dequantize_int4, dequantize_int8
+
+    kind, groupsize, read = converter.kept_gguf_types()[__import__("gguf").GGMLQuantizationType[type_name]]
+    tensor = random_blocks(type_name, rows=16, columns=512)
+    expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)).reshape(16, 512).float()
+    parts = read(tensor)
+    if kind == "int4":
+        q, scales, zeros = parts
+        assert q.min() >= 0 and q.max() <= 15 and scales.shape == (16, 512 // 32)
+        ours = dequantize_int4(q, scales, zeros, 32)
+    else:
+        q, scales = parts
+        assert q.dtype == torch.int8 and scales.shape == (16, 512 // groupsize)
+        ours = dequantize_int8(q, scales)
+    if kind == "int8":  # d * q (Q6_K: (d * scale) * q) in float32, as gguf computes it: exact
+        assert torch.equal(ours, expected)
+    else:
+        assert torch.allclose(ours, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())

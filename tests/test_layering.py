@@ -14,7 +14,7 @@ LAYERS = {
     "tp": 4,  # slices quantized modules
     "pipeline": 5, "drafting": 5, "compiled_step": 5,  # pipeline shares tp's start-up and counters
     "generate": 6,
-    "convert_hf_checkpoint": 7, "eval": 7,  # the tools
+    "convert_hf_checkpoint": 7, "eval": 7, "server": 7,  # the tools
 }
 
 

@@ -156,7 +156,7 @@ def test_gguf_q8_0_imported_without_float_round_trip(smollm2_gguf, tmp_path):
 
     q8_0 = write_gguf(smollm2_gguf, tmp_path / "SmolLM2.Q8_0.gguf", gguf.GGMLQuantizationType.Q8_0)
     kept = convert(gguf=q8_0, checkpoint_dir=tmp_path / "kept", keep_quantization=True)
-    float_checkpoint = convert(gguf=q8_0, checkpoint_dir=tmp_path / "float")
+    float_checkpoint = convert(gguf=q8_0, checkpoint_dir=tmp_path / "float", dtype=torch.float32)
     assert kept.name == "model_int8.g32.pth"
     checkpoint, reference = checkpoint_format.load(kept), checkpoint_format.load(float_checkpoint).state_dict
     record = checkpoint.quantization
@@ -173,6 +173,69 @@ def test_gguf_q8_0_imported_without_float_round_trip(smollm2_gguf, tmp_path):
         m.setup_caches(1, 16)
     with torch.no_grad():
         assert torch.equal(*(m(tokens, torch.arange(16)) for m in models))
+
+
+def mixed_k_quant_gguf(source: Path, dest: Path) -> Path:
+    """SmolLM2's GGUF laid out as llama.cpp lays out a Q4_K_M file of a model whose width (576) is not a multiple
+    of 256: the 576-input tensors Q5_0, the embedding Q8_0, ffn_down (1536 inputs) Q4_K in even layers and Q6_K
+    in odd ones (random valid blocks: gguf cannot encode K-quants), and one Q5_1 tensor, which no format of ours
+    holds exactly."""
+    import gguf
+    from gguf.quants import quantize
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench import write_gguf
+    from test_convert import random_blocks
+
+    types = gguf.GGMLQuantizationType
+
+    def encode(name, weights):
+        if "ffn_down" in name:
+            layer = int(name.split(".")[1])
+            fake = random_blocks("Q4_K" if layer % 2 == 0 else "Q6_K", *weights.shape, seed=layer)
+            return fake.data, fake.tensor_type
+        kind = {"token_embd.weight": types.Q8_0, "blk.0.ffn_up.weight": types.Q5_1}.get(name, types.Q5_0)
+        return quantize(weights, kind), kind
+
+    return write_gguf(source, dest, types.Q4_K, encode)
+
+
+@pytest.mark.slow
+def test_gguf_k_quants_kept_quantized(smollm2_gguf, tmp_path, capsys):
+    """Q4_K becomes int4 g32, Q5_0 and Q8_0 int8 g32, Q6_K int8 g16 (a group size of the layer's own), each
+    dequantizing to the float conversion's weights; the Q5_1 tensor is dequantized with a note. The model runs,
+    and its logits follow the float conversion's."""
+    path = mixed_k_quant_gguf(smollm2_gguf, tmp_path / "SmolLM2.mixed.gguf")
+    capsys.readouterr()
+    kept = convert(gguf=path, checkpoint_dir=tmp_path / "kept", keep_quantization=True)
+    assert "note: 1 Q5_1 tensor dequantized to float" in capsys.readouterr().out
+    float_checkpoint = convert(gguf=path, checkpoint_dir=tmp_path / "float", dtype=torch.float32)
+    checkpoint, reference = checkpoint_format.load(kept), checkpoint_format.load(float_checkpoint).state_dict
+    record, sd = checkpoint.quantization, checkpoint.state_dict
+    layers = record["layers"]
+    assert kept.name == "model_int4.g32.pth" and record["mode"] == "int4"
+    assert [layers[f"layers.{i}.feed_forward.w2"] for i in range(4)] == ["int4", "int8", "int4", "int8"]
+    assert record["layer_groupsizes"] == {f"layers.{i}.feed_forward.w2": 16 for i in range(1, 30, 2)}
+    assert "layers.0.feed_forward.w3" not in layers and layers["layers.1.feed_forward.w3"] == "int8"
+    assert layers["layers.0.attention.wqkv"] == "int8" and layers["output"] == "int8"
+    assert sd["layers.1.feed_forward.w2.scales"].shape == (576, 1536 // 16)
+    for prefix, kind in layers.items():
+        source = reference["tok_embeddings.weight" if prefix == "output" else f"{prefix}.weight"]
+        if kind == "int8":
+            assert torch.equal(dequantize_int8(sd[f"{prefix}.weight"], sd[f"{prefix}.scales"]), source), prefix
+        else:
+            weight = dequantize_int4(unpack_int4(sd[f"{prefix}.weight"]), sd[f"{prefix}.scales"],
+                                     sd[f"{prefix}.zeros"], 32)
+            assert torch.allclose(weight, source, rtol=1e-6, atol=1e-6), prefix
+    assert sd["layers.0.feed_forward.w3.weight"].dtype == torch.bfloat16  # dequantized, stored as bfloat16
+    model, float_model = load_model(kept, "cpu", torch.float32), load_model(float_checkpoint, "cpu", torch.float32)
+    assert isinstance(model.layers[1].feed_forward.w2, Int8Linear) and model.layers[1].feed_forward.w2.groupsize == 16
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    for m in (model, float_model):
+        m.setup_caches(1, 16)
+    with torch.no_grad():
+        assert close_to(model(tokens, torch.arange(16)), float_model(tokens, torch.arange(16)), 0.03)
+    assert generate(model, tokens[0, :8], 4).shape == (1, 12)  # decoding: the g16 layers' own paths
 
 
 @pytest.mark.slow
