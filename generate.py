@@ -103,7 +103,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
     slack = drafter.slack if drafter is not None else 0  # verification writes ahead of the last kept token
     max_seq_length = max_seq_length or length + max_new_tokens + slack
     max_new_tokens = min(max_new_tokens, max_seq_length - length - slack)
-    cache_size = (model.max_batch_size, model.max_seq_length)
+    cache_size = (model.max_batch_size, model.max_seq_length) if prompt_cache is not None else None
     with torch.device(device):
         for m in [model, *(drafter.models if drafter is not None else [])]:
             if isinstance(m, Transformer):
