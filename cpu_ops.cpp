@@ -101,12 +101,54 @@ inline float half_to_float(c10::Half h) {
 template <int ROWS>
 constexpr int chains() { return ROWS <= 2 ? 2 : 1; }
 
+// Blocks are taken 8 at a time (a span): the float factor of each (weight scale times activation scale) is
+// computed for the whole span at once, as vectors where the weight scales lie one per block (groups of 32: the
+// GGUF block size), and each block then broadcasts its own factor from memory, a single load. Per-block scalar
+// work (float16 conversions, multiplies, broadcasts from registers) cost as much as the dot product itself.
+constexpr int SPAN = 8;
+
+#if defined(__AVX2__)
+// 8 weight factors for blocks b..b+7 of one output row: float32 scales, or float16 ones.
+inline __m256 span_weights(const float* s, int64_t b, int shift) {
+  if (shift == 0) return _mm256_loadu_ps(s + b);
+  alignas(32) float f[SPAN];
+  for (int j = 0; j < SPAN; ++j) f[j] = s[(b + j) >> shift];
+  return _mm256_load_ps(f);
+}
+inline __m256 span_weights(const c10::Half* s, int64_t b, int shift) {
+  if (shift == 0) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + b)));
+  alignas(32) float f[SPAN];
+  for (int j = 0; j < SPAN; ++j) f[j] = half_to_float(s[(b + j) >> shift]);
+  return _mm256_load_ps(f);
+}
+
+// The blocks of one output row: whole spans first, where prepare(b) fills factor[r][j] for the span and
+// block(b + j, factor of row r: factor[r][j], accumulators) runs per block, alternating accumulator chains;
+// then the last blocks (fewer than a span) one by one, each with its factors from tail(b).
+template <int ROWS, typename Prepare, typename Block, typename Tail>
+inline void for_spans(int64_t blocks, __m256 (&acc)[chains<ROWS>()][ROWS], float (&factor)[ROWS][SPAN],
+                      const Prepare& prepare, const Block& block, const Tail& tail) {
+  constexpr int C = chains<ROWS>();
+  int64_t b = 0;
+  for (; b + SPAN <= blocks; b += SPAN) {
+    prepare(b);
+    for (int j = 0; j < SPAN; j += C)
+      for (int c = 0; c < C; ++c) block(b + j + c, j + c, acc[c]);
+  }
+  for (; b < blocks; ++b) {
+    tail(b);
+    block(b, 0, acc[0]);
+  }
+}
+#endif
+
 // out[r, n] for the ROWS rows of one chunk and output channels [n_begin, n_end), int8 weights [N, K] with
 // float32 scales [N, groups].
 template <int ROWS>
 void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, const int8_t* xq,
                const float* x_scale, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
+  const bool per_channel = groups == 1;  // the row's one scale multiplies the sum once, at the end
   for (int64_t n = n_begin; n < n_end; ++n) {
     const int8_t* wn = w + n * K;
     const float* sn = w_scale + n * groups;
@@ -115,24 +157,29 @@ void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, cons
     __m256 acc[C][ROWS];
     for (int c = 0; c < C; ++c)
       for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm256_setzero_ps();
-    auto block = [&](int64_t b, __m256* a) {
+    alignas(32) float factor[ROWS][SPAN];
+    auto prepare = [&](int64_t b) {
+      const __m256 ws = per_channel ? _mm256_set1_ps(1.f) : span_weights(sn, b, shift);
+      for (int r = 0; r < ROWS; ++r) _mm256_store_ps(factor[r], _mm256_mul_ps(ws, _mm256_loadu_ps(x_scale + r * blocks + b)));
+    };
+    auto tail = [&](int64_t b) {
+      const float ws = per_channel ? 1.f : sn[b >> shift];
+      for (int r = 0; r < ROWS; ++r) factor[r][0] = ws * x_scale[r * blocks + b];
+    };
+    auto block = [&](int64_t b, int j, __m256* a) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * BLOCK));
-      const float ws = sn[b >> shift];
       for (int r = 0; r < ROWS; ++r) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
         // |x| as unsigned times w with x's sign: the same products, in the operand order the instruction takes.
         const __m256i products = dot_unsigned_signed(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
-        a[r] = _mm256_fmadd_ps(_mm256_set1_ps(ws * x_scale[r * blocks + b]), _mm256_cvtepi32_ps(products), a[r]);
+        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&factor[r][j]), _mm256_cvtepi32_ps(products), a[r]);
       }
     };
-    int64_t b = 0;
-    for (; b + C <= blocks; b += C)
-      for (int c = 0; c < C; ++c) block(b + c, acc[c]);
-    for (; b < blocks; ++b) block(b, acc[0]);
+    for_spans<ROWS>(blocks, acc, factor, prepare, block, tail);
     for (int r = 0; r < ROWS; ++r) {
       __m256 total = acc[0][r];
       for (int c = 1; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]);
-      out[r * N + n] = horizontal_sum(total);
+      out[r * N + n] = horizontal_sum(total) * (per_channel ? sn[0] : 1.f);
     }
 #else
     for (int r = 0; r < ROWS; ++r) {
@@ -150,7 +197,8 @@ void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, cons
 
 // 4-bit weights in llama.cpp's block order: 16 bytes a block of 32, element i in the low nibble of byte i and
 // element 16 + i in its high nibble; value = d * q + m (q in 0..15), d and m float16 per group. The m terms
-// need only the sum of each activation block: sum over blocks of m * scale * sum(q), kept apart.
+// need only the sum of each activation block: sum over blocks of m * scale * sum(q), kept apart (as a vector
+// over each span's blocks).
 template <int ROWS>
 void int4_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int64_t K, int shift,
                const int8_t* xq, const float* x_scale, const float* x_scaled_sum, float* out, int64_t N,
@@ -162,31 +210,42 @@ void int4_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int
     const c10::Half* mn = w_m + n * groups;
 #if defined(__AVX2__)
     constexpr int C = chains<ROWS>();
-    __m256 acc[C][ROWS];
-    float offsets[C][ROWS] = {};
-    for (int c = 0; c < C; ++c)
-      for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm256_setzero_ps();
+    __m256 acc[C][ROWS], offsets[ROWS];
+    for (int r = 0; r < ROWS; ++r) {
+      offsets[r] = _mm256_setzero_ps();
+      for (int c = 0; c < C; ++c) acc[c][r] = _mm256_setzero_ps();
+    }
     const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    auto block = [&](int64_t b, __m256* a, float* offset) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + b * BLOCK / 2));
-      const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
-      const float d = half_to_float(dn[b >> shift]), m = half_to_float(mn[b >> shift]);
+    alignas(32) float factor[ROWS][SPAN];
+    float tail_offsets[ROWS] = {};
+    auto prepare = [&](int64_t b) {
+      const __m256 d = span_weights(dn, b, shift), m = span_weights(mn, b, shift);
       for (int r = 0; r < ROWS; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
-        a[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x_scale[r * blocks + b]),
-                               _mm256_cvtepi32_ps(dot_unsigned_signed(wv, xv)), a[r]);
-        offset[r] += m * x_scaled_sum[r * blocks + b];
+        _mm256_store_ps(factor[r], _mm256_mul_ps(d, _mm256_loadu_ps(x_scale + r * blocks + b)));
+        offsets[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x_scaled_sum + r * blocks + b), offsets[r]);
       }
     };
-    int64_t b = 0;
-    for (; b + C <= blocks; b += C)
-      for (int c = 0; c < C; ++c) block(b + c, acc[c], offsets[c]);
-    for (; b < blocks; ++b) block(b, acc[0], offsets[0]);
+    auto tail = [&](int64_t b) {
+      const float d = half_to_float(dn[b >> shift]), m = half_to_float(mn[b >> shift]);
+      for (int r = 0; r < ROWS; ++r) {
+        factor[r][0] = d * x_scale[r * blocks + b];
+        tail_offsets[r] += m * x_scaled_sum[r * blocks + b];
+      }
+    };
+    auto block = [&](int64_t b, int j, __m256* a) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + b * BLOCK / 2));
+      const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
+        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&factor[r][j]), _mm256_cvtepi32_ps(dot_unsigned_signed(wv, xv)),
+                               a[r]);
+      }
+    };
+    for_spans<ROWS>(blocks, acc, factor, prepare, block, tail);
     for (int r = 0; r < ROWS; ++r) {
-      __m256 total = acc[0][r];
-      float offset = offsets[0][r];
-      for (int c = 1; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]), offset += offsets[c][r];
-      out[r * N + n] = horizontal_sum(total) + offset;
+      __m256 total = offsets[r];
+      for (int c = 0; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]);
+      out[r * N + n] = horizontal_sum(total) + tail_offsets[r];
     }
 #else
     for (int r = 0; r < ROWS; ++r) {
