@@ -336,11 +336,12 @@ class Engine:
         except Cancelled:
             pass
         finish = state["finish"] if not job.cancelled.is_set() else "cancelled"
+        steps = sorted(set(timings.get("stages") or ["eager" if self.steps is None else "compiled"]))
         entry = {"prompt": len(job.prompt_ids), "reused": reused, "new": state["produced"], "finish": finish,
-                 "seconds": time.perf_counter() - start}
+                 "seconds": time.perf_counter() - start, "steps": steps}
         self.log.append(entry)
         print(f"{job.ident} choice {choice}: prompt {entry['prompt']} tokens ({reused} reused), {entry['new']} new "
-              f"in {entry['seconds']:.2f} s, {finish}", file=sys.stderr)
+              f"in {entry['seconds']:.2f} s ({'/'.join(steps)} step), {finish}", file=sys.stderr)
         rest = stops.flush()  # what was held back in case a stop string began there
         if rest and not state["stop_string"]:
             job.emit("text", choice, rest)
