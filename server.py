@@ -180,14 +180,15 @@ class AnySampling:
 
     def next_step(self):
         stage, step = self.source.next_step() if self.source is not None else ("eager", generate.decode_one_token)
-        if self.sampling["temperature"] <= 0:
-            return stage, step
+
+        def greedy(model, x, input_pos, **_):  # a greedy request's top_k / top_p change nothing, so are not passed
+            return step(model, x, input_pos, **GREEDY)
 
         def resampled(model, x, input_pos, **sampling):
             _, probs = step(model, x, input_pos, **GREEDY)
             return sample(probs.log()[:, None], **sampling)
 
-        return stage, resampled
+        return stage, greedy if self.sampling["temperature"] <= 0 else resampled
 
 
 class CompiledFunction:

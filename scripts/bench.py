@@ -3,6 +3,7 @@
     python scripts/bench.py                                   # every row, 3 runs of 128 new tokens each
     python scripts/bench.py --runs 1 --new_tokens 8 --rows ours-bf16,llamacpp-f16,hf-eager-bf16   # smoke run
     python scripts/bench.py --nproc 2 [--pipeline_stages 15,15] --rows ours-fp32,ours-int8     # through torchrun
+    python scripts/bench.py --rows ours-bf16,ours-bf16-saved    # the step generate.py --compile saves and loads, side by side
 
 Every row decodes greedily from the same prompt token ids, ignores EOS, and reports decode tokens/s:
 prefill is excluded, and the first new token (which prefill produces) is not counted, so each row
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
+import compiled_step  # noqa: E402
 import cpu_ops  # noqa: E402
 import drafting  # noqa: E402
 import generate  # noqa: E402
@@ -42,6 +44,7 @@ from medusa import NAMED_TREES, load_medusa_heads, parse_tree  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/SmolLM2-135M-Instruct/model.pth"
+GREEDY = dict(temperature=0.0, top_k=None, top_p=1.0)  # the sampling settings a saved step is built for
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
 # Input-grounded: the answer repeats much of the prompt, which is where prompt lookup drafting pays.
 GROUNDED_PARAGRAPH = (
@@ -64,6 +67,9 @@ ROWS = {
     "ours-int4-regional": ("ours (torch.compile, regional)", "int4 g32 (output int8)", "ours-regional", "bfloat16",
                            "int4"),
     "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
+    # The step `generate.py --compile` runs: saved by --compile_only (compiled_step.py), loaded by a later run.
+    "ours-bf16-saved": ("ours (saved compiled step)", "bfloat16", "ours-saved", "bfloat16", None),
+    "ours-int4-saved": ("ours (saved compiled step)", "int4 g32 (output int8)", "ours-saved", "bfloat16", "int4"),
     "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     **{f"ours-medusa-{tree}": (f"ours, Medusa ({tree})", "bfloat16", "ours", "bfloat16", None) for tree in NAMED_TREES},
@@ -86,13 +92,15 @@ ROWS = {
 DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "ours-medusa", "ours-lookup"))
                  or key == "ours-bf16-grounded"]
 REGIONAL_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-regional"]
-# --eager, --drafting, --regional add the others
-DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + REGIONAL_ROWS]
+SAVED_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-saved"]
+# --eager, --drafting, --regional add the others (the saved-step rows: by name in --rows)
+DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + REGIONAL_ROWS + SAVED_ROWS]
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
 SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
              "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16", "ours-bf16-regional": "llamacpp-f16",
-             "ours-int8-regional": "llamacpp-q8_0", "ours-int4-regional": "llamacpp-q4_0"}
+             "ours-int8-regional": "llamacpp-q8_0", "ours-int4-regional": "llamacpp-q4_0",
+             "ours-bf16-saved": "llamacpp-f16", "ours-int4-saved": "llamacpp-q4_0"}
 
 
 WEIGHT_BYTES = {}  # bytes of weights one decoded token reads, per our row's precision or GGUF type
@@ -154,11 +162,19 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         drafter = drafting.MedusaDrafter(heads, parse_tree(strategy.split("-", 1)[1]))
     extra = {"drafter": drafter}
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
-    if compiled:  # the graphs `generate.py --compile` ends with (compiled_step.py saves the same whole graph)
+    warm_up = time.perf_counter()
+    if mode == "saved":  # built and saved as --compile_only does, then loaded as a later --compile run does
+        generate.use_eager()
+        model.setup_caches(max_batch_size=1, max_seq_length=len(prompt_ids) + new_tokens)
+        compiled_step.build_stages(model, checkpoint, 1, GREEDY, "whole", log=lambda line: tqdm.write(line, file=sys.stderr))
+        background = compiled_step.BackgroundCompile(model, checkpoint, 1, GREEDY, "whole").start()
+        if background.current[0] != "whole":
+            raise BenchError(f"the saved step did not load: {'; '.join(background.notes) or 'no note'}")
+        extra.update(background=background, **GREEDY)
+    elif compiled:  # the graphs `generate.py --compile` ends with (compiled_step.py saves the same whole graph)
         generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter, mode=mode)
     else:
         generate.use_eager()
-    warm_up = time.perf_counter()
     generate.generate(model, prompt, new_tokens, stop_ids=(), **extra)  # warm-up: compiles for this model
     warm_up = time.perf_counter() - warm_up
     WEIGHT_BYTES[strategy or (quantization or dtype)] = memory.weight_bytes(model)
@@ -414,11 +430,12 @@ def run_row(key: str, args, prompt_ids: list):
     if args.nproc > 1:
         return bench_ours_parallel(args.checkpoint_path, dtype, args.prompt, args.new_tokens, args.runs, args.nproc,
                                    args.pipeline_stages, runner == "ours", quantization)
-    if runner in ("ours", "ours-eager", "ours-regional"):
+    if runner in ("ours", "ours-eager", "ours-regional", "ours-saved"):
         strategy = key.removeprefix("ours-").removesuffix("-grounded") if key in DRAFTING_ROWS else None
         strategy = None if strategy == "bf16" else strategy
+        mode = {"ours-regional": "regional", "ours-saved": "saved"}.get(runner, "whole")
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner != "ours-eager",
-                          quantization, strategy, "regional" if runner == "ours-regional" else "whole")
+                          quantization, strategy, mode)
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":

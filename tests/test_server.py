@@ -421,3 +421,19 @@ def test_interactive_chat_keeps_the_history(smollm2_checkpoint, monkeypatch, cap
     assert "Paris" in expected[0] and "Berlin" in expected[1]
     counts = [int(m) for m in re.findall(r"(\d+) reused from the KV cache", err)]
     assert counts == reused[1:] and all(count > 0 for count in counts), err
+
+
+def test_conversation_drops_its_oldest_turns_when_it_outgrows_the_cache(tiny_chat_checkpoint):
+    tokenizer = load_tokenizer(tiny_chat_checkpoint.parent)
+    conversation = generate.Conversation(tokenizer, system="Be brief.")
+    for turn in range(3):
+        ids, dropped = conversation.prompt(f"Question {turn}: " + "tell me more " * 10, room=10_000)
+        assert dropped == 0
+        conversation.answered("An answer " * 5)
+    whole = len(ids)
+    ids, dropped = conversation.prompt("And the last one?", room=whole // 2)
+    assert dropped >= 1 and len(ids) <= whole // 2
+    text = tokenizer.decode(ids)
+    assert "Be brief." in text and "And the last one?" in text and "Question 0" not in text
+    ids, dropped = conversation.prompt("x " * 50, room=5)  # the newest message alone is kept, whatever its length
+    assert len(conversation.turns) == 1 and len(ids) > 5
