@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import cli
 from cli import ArgumentParser, UsageError
-from generate import DTYPES, generate, load_model, until_stop
+from generate import DTYPES, KV_CACHE_DTYPES, generate, load_model, until_stop
 from tokenizer import Tokenizer, load_tokenizer
 
 
@@ -217,6 +217,8 @@ def run(argv=None):
     parser.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                        help="int8: the KV cache quantized per token and head (auto: --dtype)")
     args = parser.parse_args(argv)
     stride = args.stride or args.max_seq_length // 2
     if args.max_seq_length < 2 or not 0 < stride <= args.max_seq_length:
@@ -229,7 +231,8 @@ def run(argv=None):
         raise UsageError(f"text file {args.text_file} not found")
     if args.tasks:
         lm_eval_base_class()  # a missing lm_eval is reported before the model loads
-    model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype])
+    model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype],
+                       kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     if args.text_file:
         print(text_file_perplexity(model, tokenizer, args.checkpoint_path.name, args.text_file, args.max_tokens,

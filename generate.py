@@ -33,6 +33,7 @@ from sampling import decode_one_token, sample
 from tokenizer import StreamingDecoder, Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = {"auto": None, "int8": torch.int8}  # auto: the model's dtype
 
 
 # ---------------------------------------------------------------- the loop
@@ -202,10 +203,11 @@ def use_eager():
 # ---------------------------------------------------------------- loading
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optional[Callable] = None) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optional[Callable] = None,
+               kv_cache_dtype: Optional[torch.dtype] = None) -> Transformer:
     """Build on the meta device, then assign the memory-mapped weights: no second copy of the model in memory.
     `shard` (shard_for(layout) under torchrun) cuts this rank's part before anything is converted, so only
-    that part is read."""
+    that part is read. kv_cache_dtype (KV_CACHE_DTYPES): what setup_caches will allocate."""
     ckpt = checkpoint.load(checkpoint_path)
     with torch.device("meta"):
         model = Transformer(ckpt.args)
@@ -217,6 +219,9 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optio
     model = model.to(device=device, dtype=dtype).eval()
     if ckpt.quantization:
         quantize.prepare_for_device(model, dtype)
+    # None (--kv_cache_dtype auto): what the checkpoint was trained for (scripts/qat.py --kv_bits), else --dtype
+    trained_for = torch.int8 if (ckpt.quantization or {}).get("kv_cache_bits") == 8 else None
+    model.kv_cache_dtype = kv_cache_dtype or trained_for
     return model
 
 
@@ -249,6 +254,10 @@ def add_model_arguments(parser: ArgumentParser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: prompt + new tokens)")
+    parser.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                        help="int8: keys and values stored as int8 with a scale per token and head (about half the "
+                             "KV memory of a 16-bit cache); auto: the model's --dtype, or int8 for a checkpoint "
+                             "trained with it (scripts/qat.py --kv_bits 8)")
     parser.add_argument("--draft_checkpoint_path", type=Path, default=None,
                         help="speculative decoding with this draft model (same tokenizer; e.g. an int4 copy of the target)")
     parser.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step (at most, when adaptive)")
@@ -389,7 +398,8 @@ def load_drafter(args, model: Transformer, tokenizer: Tokenizer, device, shard):
     """The drafting strategy the flags ask for, or None."""
     dtype = DTYPES[args.dtype]
     if args.draft_checkpoint_path is not None:  # sharded the same way as the target under torchrun
-        draft_model = load_model(args.draft_checkpoint_path, device, dtype, shard=shard)
+        draft_model = load_model(args.draft_checkpoint_path, device, dtype, shard=shard,
+                                 kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
         drafting.check_same_tokenizer(tokenizer, model, draft_model, args.draft_checkpoint_path)
         return drafting.SpeculativeDrafter(draft_model, args.speculate_k, adaptive=not args.fixed_draft_length)
     if args.prompt_lookup_num_tokens is not None:
@@ -509,7 +519,8 @@ def build_command(args, max_seq_length: int) -> list:
     command = [sys.executable, str(Path(__file__).resolve()), "--checkpoint_path", str(args.checkpoint_path.resolve()),
                "--device", "cpu", "--dtype", args.dtype, "--batch_size", str(args.batch_size),
                "--max_seq_length", str(max_seq_length), "--temperature", repr(args.temperature),
-               "--top_p", repr(args.top_p), "--compile_mode", args.compile_mode, "--compile_only"]
+               "--top_p", repr(args.top_p), "--compile_mode", args.compile_mode, "--kv_cache_dtype", args.kv_cache_dtype,
+               "--compile_only"]
     return command + (["--top_k", str(args.top_k)] if args.top_k is not None else [])
 
 
@@ -525,7 +536,8 @@ def run(args):
     shard = shard_for(layout) if layout is not None else None
 
     load_start = time.perf_counter()
-    model = load_model(args.checkpoint_path, device, DTYPES[args.dtype], shard=shard)
+    model = load_model(args.checkpoint_path, device, DTYPES[args.dtype], shard=shard,
+                       kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     drafter = load_drafter(args, model, tokenizer, device, shard)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - load_start:.2f} s", file=sys.stderr)

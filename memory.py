@@ -37,9 +37,12 @@ def cache_bytes(model: Transformer, batch_size: int, max_seq_length: int) -> tup
     """What setup_caches will allocate: (K and V of every layer, for this rank's heads; the rope tables and the
     [max_seq_length]^2 boolean masks, which dominate for very long caches)."""
     dtype = model.norm.weight.dtype if model.norm.weight.dtype.is_floating_point else torch.float32
-    element = torch.empty(0, dtype=dtype).element_size()
-    kv = sum(2 * batch_size * layer.attention.n_local_heads * max_seq_length * layer.attention.head_dim * element
-             for layer in model.layers)
+    quantized = model.kv_cache_dtype == torch.int8  # int8 entries and a float32 scale per token and head
+    kv = 0
+    for layer in model.layers:
+        head_dim = layer.attention.head_dim
+        per_token_and_head = head_dim + 4 if quantized else head_dim * torch.empty(0, dtype=dtype).element_size()
+        kv += 2 * batch_size * layer.attention.n_local_heads * max_seq_length * per_token_and_head
     rope = 2 * max_seq_length * model.args.head_dim * 4
     masks = max_seq_length ** 2 * (2 if model.args.sliding_window else 1)
     return kv, rope + masks
@@ -93,7 +96,7 @@ def memory_report(model: Transformer, device) -> str:
     """memory_figures as one markdown table row."""
     f = memory_figures(model, device)
     return ("| parameters | model memory | KV cache memory | peak memory |\n|---:|---:|---:|---:|\n"
-            f"| {f['parameters'] / 1e6:.1f} M | {f['model_bytes'] / 1e6:.2f} MB | {f['cache_bytes'] / 1e6:.1f} MB "
+            f"| {f['parameters'] / 1e6:.1f} M | {f['model_bytes'] / 1e6:.2f} MB | {f['cache_bytes'] / 1e6:.2f} MB "
             f"| {f['peak_bytes'] / 1e6:.0f} MB |")
 
 

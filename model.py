@@ -98,26 +98,50 @@ class ModelArgs:
 
 
 class KVCache(nn.Module):
-    """Static cache: [batch, kv_heads, max_seq_length, head_dim], written in place at input_pos."""
+    """Static cache: [batch, kv_heads, max_seq_length, head_dim], written in place at input_pos.
 
-    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+    Quantized (`quantized=True`): int8 entries and a float32 scale per token and head (the head's largest
+    magnitude / 127, rounded to nearest), about half a 16-bit cache's bytes (1 + 4 / head_dim per value). update
+    returns the whole cache dequantized in the activations' dtype, so attention, prefill, decode and drafted
+    verification read it as they read a float cache; a token's own keys and values are rounded before it
+    attends to them, as every later token sees them."""
+
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, quantized: bool = False):
         super().__init__()
         shape = (max_batch_size, n_heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.quantized = quantized
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.int8 if quantized else dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.int8 if quantized else dtype), persistent=False)
+        if quantized:
+            self.register_buffer("k_scales", torch.zeros(shape[:-1] + (1,)), persistent=False)
+            self.register_buffer("v_scales", torch.zeros(shape[:-1] + (1,)), persistent=False)
 
     def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor):
         # The cache is allocated for max_batch_size; a smaller batch uses its first rows.
         bsz = k_val.shape[0]
         k_out, v_out = self.k_cache[:bsz], self.v_cache[:bsz]
-        k_out.index_copy_(2, input_pos, k_val)
-        v_out.index_copy_(2, input_pos, v_val)
-        return k_out, v_out
+        if not self.quantized:
+            k_out.index_copy_(2, input_pos, k_val)
+            v_out.index_copy_(2, input_pos, v_val)
+            return k_out, v_out
+        k_scales, v_scales = self.k_scales[:bsz], self.v_scales[:bsz]
+        for values, cache, scales in ((k_val, k_out, k_scales), (v_val, v_out, v_scales)):
+            quantized, scale = quantize_kv(values)
+            cache.index_copy_(2, input_pos, quantized)
+            scales.index_copy_(2, input_pos, scale)
+        return (k_out * k_scales).to(k_val.dtype), (v_out * v_scales).to(v_val.dtype)
 
     def move(self, source: Tensor, destination: Tensor):
         """Copy the entries at slots `source` to slots `destination` (Medusa keeps the accepted tree path)."""
-        for cache in (self.k_cache, self.v_cache):
+        for cache in self.buffers():  # the scales of a quantized cache move with their entries
             cache.index_copy_(2, destination, cache.index_select(2, source))
+
+
+def quantize_kv(values: Tensor) -> tuple:
+    """Symmetric int8 per token and head: (int8 values, float32 scales [..., 1]) with values ~ int8 * scale."""
+    values = values.float()
+    scales = values.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(values / scales).clamp(-127, 127).to(torch.int8), scales
 
 
 class RMSNorm(nn.Module):
@@ -205,6 +229,8 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1
         self.max_seq_length = -1
+        self.kv_cache_dtype: Optional[torch.dtype] = None  # None: the model's dtype; torch.int8: quantized
+        self.cache_quantized = False
 
     def tie_weights(self):
         """Re-tie after load_state_dict(assign=True), which replaces the shared Parameter.
@@ -213,14 +239,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        if self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length:
+        """Allocate the KV cache (in the model's dtype, or int8 where `kv_cache_dtype` says so), the rope tables
+        and the masks; a cache that is already as large is kept."""
+        quantized = self.kv_cache_dtype == torch.int8
+        if (self.max_batch_size >= max_batch_size and self.max_seq_length == max_seq_length
+                and self.cache_quantized == quantized):
             return
-        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.max_batch_size, self.max_seq_length, self.cache_quantized = max_batch_size, max_seq_length, quantized
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
         for layer in self.layers:
             attention = layer.attention
             attention.kv_cache = KVCache(
-                max_batch_size, max_seq_length, attention.n_local_heads, attention.head_dim, dtype
+                max_batch_size, max_seq_length, attention.n_local_heads, attention.head_dim, dtype, quantized
             ).to(device)
         cos, sin = precompute_rope(max_seq_length, self.args, device)
         self.register_buffer("rope_cos", cos, persistent=False)

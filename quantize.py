@@ -27,8 +27,7 @@ import cli
 import cpu_ops
 from checkpoint import CheckpointError
 from cli import ArgumentParser, UsageError
-from model import Transformer
-from sampling import decode_one_token
+from model import Transformer, quantize_kv
 from tokenizer import load_tokenizer
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -104,11 +103,29 @@ def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) ->
     return (groups * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
 
 
+def fake_quantize_weight(weight: Tensor, kind: str, groupsize=None) -> Tensor:
+    """The float32 weights a layer of `kind` ("int8", "int4") holds after quantize_checkpoint's rounding to
+    nearest: what QAT trains through, and exactly what the written checkpoint dequantizes to."""
+    if kind == "int8":
+        return dequantize_int8(*quantize_int8(weight, groupsize))
+    q, scales, zeros = quantize_int4(weight, groupsize)
+    return dequantize_int4(q, scales, zeros, groupsize)
+
+
+def fake_quantize_activations(x: Tensor) -> Tensor:
+    """8-bit activations, symmetric per token (one scale per row of the layer's input), as LLM-QAT's W4A8:
+    a checkpoint trained with them (record "activation_bits": 8) rounds its inputs so at inference too."""
+    scales = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127
+    return (torch.round(x.float() / scales).clamp(-127, 127) * scales).to(x.dtype)
+
+
 # ---------------------------------------------------------------- modules
 
 
 class Int8Linear(nn.Module):
     """int8 weights with one scale per output channel, or, with `groupsize`, one per group of inputs."""
+
+    activation_bits = None  # 8: inputs rounded per token first (a QAT W8A8 checkpoint's record says so)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, groupsize=None, device=None):
         super().__init__()
@@ -180,12 +197,18 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activation_bits:
+            x = fake_quantize_activations(x)
         y = self.run_path(path_for(self, x), x.reshape(-1, self.in_features)).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class Int4Linear(nn.Module):
+    """int4 weights, asymmetric per group of inputs (quantize_int4), two per byte on disk."""
+
+    activation_bits = None  # as Int8Linear's
+
     def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
@@ -247,6 +270,8 @@ class Int4Linear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.groupsize, self.scales_and_zeros)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activation_bits:
+            x = fake_quantize_activations(x)
         y = self.run_path(path_for(self, x), x.reshape(-1, self.in_features)).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -400,17 +425,78 @@ def calibration_sequences(model: Transformer, tokenizer_dir: Path, calibration_f
 
 
 @torch.no_grad()
-def self_generated_text(model: Transformer, samples: int, length: int, seed: int = 0) -> Tensor:
-    """[samples, length] tokens the model samples itself (temperature 1) from random first tokens, all rows in
-    one batch: the data-free calibration of LLM-QAT, so that GPTQ fits the model's own distribution."""
+def self_generated_text(model: Transformer, samples: int, length: int, seed: int = 0, greedy_tokens=(0, 0),
+                        progress: bool = True) -> Tensor:
+    """[samples, length] tokens the model writes itself from random first tokens, all rows in one batch: the
+    data-free data of LLM-QAT (Liu et al. 2023). Each row's next n tokens are its greedy choices, n drawn per row
+    from greedy_tokens (low, high) (LLM-QAT: 3-5), and the rest sampled at temperature 1. GPTQ calibrates on
+    it (sampled throughout) so that it fits the model's own distribution; scripts/qat.py trains on it."""
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    device = model.norm.weight.device
     tokens = torch.randint(0, model.args.vocab_size, (samples, 1), generator=generator)
+    greedy_until = torch.randint(greedy_tokens[0], greedy_tokens[1] + 1, (samples, 1), generator=generator)
+    tokens, greedy_until = tokens.to(device), greedy_until.to(device)
     model.setup_caches(samples, length)
-    for position in tqdm(range(length - 1), desc="calibration text", unit="token"):
-        next_token, _ = decode_one_token(model, tokens[:, -1:], torch.tensor([position]), temperature=1.0)
+    for position in tqdm(range(length - 1), desc="self-generated text", unit="token", disable=not progress):
+        logits = model(tokens[:, -1:], torch.tensor([position], device=device))[:, -1].float()
+        sampled = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).to(device)
+        next_token = torch.where(position < greedy_until, logits.argmax(dim=-1, keepdim=True), sampled)
         tokens = torch.cat([tokens, next_token], dim=1)
     return tokens
+
+
+# ---------------------------------------------------------------- quantization-aware training (scripts/qat.py)
+
+
+class QATLinear(nn.Linear):
+    """A float Linear that computes with its weights rounded as `kind` ("int8" / "int4", `groupsize`) rounds
+    them, and optionally with 8-bit per-token inputs; the straight-through estimator passes the gradient to the
+    float weights unchanged (LLM-QAT). Its float weights are what quantize_checkpoint's rounding then packs."""
+
+    def __init__(self, linear: nn.Linear, kind: str, groupsize=None, activation_bits=None):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # shared: a tied output keeps its embedding
+        self.kind, self.groupsize, self.activation_bits = kind, groupsize, activation_bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight + (fake_quantize_weight(self.weight.detach(), self.kind, self.groupsize)
+                                - self.weight.detach()).to(self.weight.dtype)
+        if self.activation_bits:
+            x = x + (fake_quantize_activations(x.detach()) - x.detach())
+        return F.linear(x, weight, self.bias)
+
+
+class FakeQuantKV(nn.Module):
+    """Stands in for an Attention's KVCache while training on whole sequences: stores nothing, returns the
+    keys and values rounded as the int8 KV cache rounds them (per token and head), straight through."""
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        def rounded(t):
+            q, scales = quantize_kv(t.detach())
+            return t + ((q * scales).to(t.dtype) - t.detach())
+        return rounded(k), rounded(v)
+
+
+def swap_for_qat(model: Transformer, quantization: dict, activation_bits=None) -> int:
+    """Replace the linears the plan quantizes by QATLinear modules (sharing their parameters), in place."""
+    names = [name for name, kind in quantization["layers"].items() if kind != "float"]
+    for name in names:
+        kind = quantization["layers"][name]
+        groupsize = quantization["groupsize"] if kind == "int4" else quantization.get("int8_groupsize")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QATLinear(model.get_submodule(name), kind, groupsize, activation_bits))
+    return len(names)
+
+
+def linears_from_qat(model: Transformer):
+    """QATLinear modules back to plain Linears with the trained weights (then swap_linears quantizes them)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QATLinear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
 
 
 # ---------------------------------------------------------------- whole models
@@ -473,6 +559,8 @@ def swap_linears(model: Transformer, quantization: dict, quantize_weights: bool 
             new = Int8Linear(old.in_features, old.out_features, old.bias is not None, int8_groupsize, device="meta")
         else:
             new = Int4Linear(old.in_features, old.out_features, quantization["groupsize"], old.bias is not None, device="meta")
+        if quantization.get("activation_bits"):
+            new.activation_bits = quantization["activation_bits"]
         setattr(parent, child, new)
     return len(names)
 

@@ -4,6 +4,7 @@
     python scripts/bench.py --runs 1 --new_tokens 8 --rows ours-bf16,llamacpp-f16,hf-eager-bf16   # smoke run
     python scripts/bench.py --nproc 2 [--pipeline_stages 15,15] --rows ours-fp32,ours-int8     # through torchrun
     python scripts/bench.py --rows ours-bf16,ours-bf16-saved    # the step generate.py --compile saves and loads, side by side
+    python scripts/bench.py --rows ours-bf16,ours-bf16-kv8,ours-int4,ours-int4-kv8   # the int8 KV cache against the float one
 
 Every row decodes greedily from the same prompt token ids, ignores EOS, and reports decode tokens/s:
 prefill is excluded, and the first new token (which prefill produces) is not counted, so each row
@@ -69,6 +70,8 @@ ROWS = {
     "ours-eager-bf16": ("ours (eager)", "bfloat16", "ours-eager", "bfloat16", None),
     # The step `generate.py --compile` runs: saved by --compile_only (compiled_step.py), loaded by a later run.
     "ours-bf16-saved": ("ours (saved compiled step)", "bfloat16", "ours-saved", "bfloat16", None),
+    "ours-bf16-kv8": ("ours (torch.compile)", "bfloat16, int8 KV cache", "ours", "bfloat16", None),
+    "ours-int4-kv8": ("ours (torch.compile)", "int4 g32 (output int8), int8 KV cache", "ours", "bfloat16", "int4"),
     "ours-int4-saved": ("ours (saved compiled step)", "int4 g32 (output int8)", "ours-saved", "bfloat16", "int4"),
     "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
@@ -93,14 +96,17 @@ DRAFTING_ROWS = [key for key in ROWS if key.startswith(("ours-speculative", "our
                  or key == "ours-bf16-grounded"]
 REGIONAL_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-regional"]
 SAVED_ROWS = [key for key in ROWS if ROWS[key][2] == "ours-saved"]
-# --eager, --drafting, --regional add the others (the saved-step rows: by name in --rows)
-DEFAULT_ROWS = [key for key in ROWS if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + REGIONAL_ROWS + SAVED_ROWS]
+KV8_ROWS = [key for key in ROWS if key.endswith("-kv8")]
+# --eager, --drafting, --regional add the others (the saved-step and int8 KV cache rows: by name in --rows)
+DEFAULT_ROWS = [key for key in ROWS
+                if key != "ours-eager-bf16" and key not in DRAFTING_ROWS + REGIONAL_ROWS + SAVED_ROWS + KV8_ROWS]
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
 SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
              "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16", "ours-bf16-regional": "llamacpp-f16",
              "ours-int8-regional": "llamacpp-q8_0", "ours-int4-regional": "llamacpp-q4_0",
-             "ours-bf16-saved": "llamacpp-f16", "ours-int4-saved": "llamacpp-q4_0"}
+             "ours-bf16-saved": "llamacpp-f16", "ours-int4-saved": "llamacpp-q4_0",
+             "ours-bf16-kv8": "llamacpp-f16", "ours-int4-kv8": "llamacpp-q4_0"}
 
 
 WEIGHT_BYTES = {}  # bytes of weights one decoded token reads, per our row's precision or GGUF type
@@ -141,13 +147,13 @@ def machine_line(threads: int) -> str:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None, strategy: str = None, mode: str = "whole"):
+               quantization=None, strategy: str = None, mode: str = "whole", kv_cache_dtype=None):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
     strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
     (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
     if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
         checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
-    model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype])
+    model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype], kv_cache_dtype=kv_cache_dtype)
     drafter = None
     if strategy and strategy.startswith("speculative"):
         draft_path = quantize.quantize_checkpoint(checkpoint, strategy.split("-")[1], 32)
@@ -435,7 +441,7 @@ def run_row(key: str, args, prompt_ids: list):
         strategy = None if strategy == "bf16" else strategy
         mode = {"ours-regional": "regional", "ours-saved": "saved"}.get(runner, "whole")
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner != "ours-eager",
-                          quantization, strategy, mode)
+                          quantization, strategy, mode, torch.int8 if key in KV8_ROWS else None)
     if runner == "hf-eager":
         return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
     if runner == "hf-compile":

@@ -244,19 +244,21 @@ def test_ignore_eos_never_checks_for_a_stop(tiny_models, monkeypatch):
 @pytest.mark.parametrize("mode", kernels.COMPILE_MODES)
 def test_compile_modes_give_eager_tokens(tiny_models, mode):
     """Both CPU compile modes decode exactly eager's greedy tokens in float32 (Qwen2: windowed upper layers,
-    qkv bias): "regional" swaps every block for the one compiled region, "whole" keeps the plain blocks and
-    inductor's C++ wrapper."""
+    qkv bias), with the float and the int8 KV cache: "regional" swaps every block for the one compiled region,
+    "whole" keeps the plain blocks and inductor's C++ wrapper."""
     from model import TransformerBlock
 
     _, _, checkpoint = tiny_models["qwen2"]
     model = generate.load_model(checkpoint, "cpu", torch.float32)
+    int8_cache = generate.load_model(checkpoint, "cpu", torch.float32, kv_cache_dtype=torch.int8)
     prompt = torch.tensor([3, 17, 42, 5, 9])
-    eager = generate.generate(model, prompt, 24)
+    eager, eager_int8_cache = (generate.generate(m, prompt, 24) for m in (model, int8_cache))
     try:
-        generate.compile_functions([model], "cpu", mode=mode)
+        generate.compile_functions([model, int8_cache], "cpu", mode=mode)
         block_class = kernels.RegionBlock if mode == "regional" else TransformerBlock
         assert all(type(layer) is block_class for layer in model.layers)
         assert torch._inductor.config.cpp_wrapper == (mode == "whole")
         assert torch.equal(generate.generate(model, prompt, 24), eager)
+        assert torch.equal(generate.generate(int8_cache, prompt, 24), eager_int8_cache)  # --kv_cache_dtype int8
     finally:
         generate.use_eager()
