@@ -459,11 +459,23 @@ class QATLinear(nn.Linear):
         self.kind, self.groupsize, self.activation_bits = kind, groupsize, activation_bits
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight + (fake_quantize_weight(self.weight.detach(), self.kind, self.groupsize)
-                                - self.weight.detach()).to(self.weight.dtype)
+        weight = RoundedThrough.apply(self.weight, lambda w: fake_quantize_weight(w, self.kind, self.groupsize))
         if self.activation_bits:
-            x = x + (fake_quantize_activations(x.detach()) - x.detach())
+            x = RoundedThrough.apply(x, fake_quantize_activations)
         return F.linear(x, weight, self.bias)
+
+
+class RoundedThrough(torch.autograd.Function):
+    """rounding(x) forward, the identity backward: the straight-through estimator in one op (`x + (r - x).detach()`
+    would cost two more passes over every weight per step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rounding) -> Tensor:
+        return rounding(x.detach()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
 class FakeQuantKV(nn.Module):
@@ -471,10 +483,10 @@ class FakeQuantKV(nn.Module):
     keys and values rounded as the int8 KV cache rounds them (per token and head), straight through."""
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
-        def rounded(t):
-            q, scales = quantize_kv(t.detach())
-            return t + ((q * scales).to(t.dtype) - t.detach())
-        return rounded(k), rounded(v)
+        def rounding(t):
+            q, scales = quantize_kv(t)
+            return q * scales
+        return RoundedThrough.apply(k, rounding), RoundedThrough.apply(v, rounding)
 
 
 def swap_for_qat(model: Transformer, quantization: dict, activation_bits=None) -> int:
