@@ -518,11 +518,12 @@ def linear_names(model: Transformer) -> list:
     return [name for name, module in model.named_modules() if type(module) is nn.Linear]
 
 
-def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None) -> dict:
+def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None, refuse_if_none: bool = False) -> dict:
     """What each linear becomes: {name: "int8" | "int4" | "float"} with the reason for any that stays float.
 
     int8 layers have one scale per output channel, or per `int8_groupsize` inputs when that is given (the
-    record's "int8_groupsize"; files without that key are per channel)."""
+    record's "int8_groupsize"; files without that key are per channel). refuse_if_none: a UsageError when no
+    layer but the output can take the group size."""
     layers, skipped = {}, {}
     for name in linear_names(model):
         module = model.get_submodule(name)
@@ -534,6 +535,9 @@ def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None) -> 
             layers[name], skipped[name] = "float", f"out_features {module.out_features} is not a multiple of 8 (int4 kernels)"
         else:
             layers[name] = kind
+    if refuse_if_none and all(kind == "float" for name, kind in layers.items() if name != "output"):
+        raise UsageError(f"no layer of this model can take group size {groupsize}: {next(iter(skipped.values()))}; "
+                         "choose another --groupsize")
     return {"mode": mode, "groupsize": groupsize if mode != "int8" else int8_groupsize,
             "int8_groupsize": int8_groupsize, "layers": layers, "skipped": skipped}
 
@@ -605,10 +609,7 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     checkpoint.load_into(model, ckpt)
     if mode == "int8":
         groupsize = int8_groupsize  # names the file and the summary below
-    quantization = plan(model, mode, groupsize, int8_groupsize if mode == "int8" else None)
-    if all(kind == "float" for name, kind in quantization["layers"].items() if name != "output"):
-        raise UsageError(f"no layer of this model can take group size {groupsize}: "
-                              f"{next(iter(quantization['skipped'].values()))}; choose another --groupsize")
+    quantization = plan(model, mode, groupsize, int8_groupsize if mode == "int8" else None, refuse_if_none=True)
     hessians = None
     if mode == "int4-gptq":
         if calibration_file is not None and not Path(calibration_file).is_file():
