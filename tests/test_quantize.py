@@ -302,7 +302,7 @@ def test_memory_report_shows_the_smaller_model(tiny_models):
     assert reports["float"][1] == reports["int8"][1]  # the same parameter count
     assert float(reports["int8"][2].split()[0]) < float(reports["float"][2].split()[0])
     kv = 2 * 2 * 2 * 64 * 16 * 2 / 1e6  # layers x (k, v) x kv heads x length x head_dim x bytes
-    assert reports["float"][3].strip() == f"{kv:.1f} MB"
+    assert reports["float"][3].strip() == f"{kv:.2f} MB"
 
 
 @pytest.mark.slow
