@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import cli
 from cli import ArgumentParser, UsageError
-from generate import DTYPES, KV_CACHE_DTYPES, generate, load_model, until_stop
+from generate import DTYPES, KV_CACHE_DTYPES, budget_argument, generate, load_model, until_stop
 from tokenizer import Tokenizer, load_tokenizer
 
 
@@ -219,6 +219,9 @@ def run(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
                         help="int8: the KV cache quantized per token and head (auto: --dtype)")
+    parser.add_argument("--memory_budget", type=budget_argument, default=None,
+                        help="hold at most this much (e.g. 2GB, the KV cache included) and stream the other layers "
+                        "from disk each forward (streaming.py)")
     args = parser.parse_args(argv)
     stride = args.stride or args.max_seq_length // 2
     if args.max_seq_length < 2 or not 0 < stride <= args.max_seq_length:
@@ -232,7 +235,7 @@ def run(argv=None):
     if args.tasks:
         lm_eval_base_class()  # a missing lm_eval is reported before the model loads
     model = load_model(args.checkpoint_path, args.device, DTYPES[args.dtype],
-                       kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
+                       kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype], memory_budget=args.memory_budget)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     if args.text_file:
         print(text_file_perplexity(model, tokenizer, args.checkpoint_path.name, args.text_file, args.max_tokens,

@@ -24,8 +24,11 @@ import kernels
 import memory
 import pipeline
 import quantize
+import streaming
 import tp
 import cli
+from argparse import ArgumentTypeError
+
 from cli import ArgumentParser, UsageError
 from medusa import load_medusa_heads, parse_tree
 from model import Transformer
@@ -204,15 +207,23 @@ def use_eager():
 
 
 def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optional[Callable] = None,
-               kv_cache_dtype: Optional[torch.dtype] = None) -> Transformer:
+               kv_cache_dtype: Optional[torch.dtype] = None, memory_budget: Optional[int] = None) -> Transformer:
     """Build on the meta device, then assign the memory-mapped weights: no second copy of the model in memory.
     `shard` (shard_for(layout) under torchrun) cuts this rank's part before anything is converted, so only
-    that part is read. kv_cache_dtype (KV_CACHE_DTYPES): what setup_caches will allocate."""
+    that part is read. kv_cache_dtype (KV_CACHE_DTYPES): what setup_caches will allocate. memory_budget
+    (bytes): the layers are streamed from disk each forward, holding at most that much (streaming.py)."""
     ckpt = checkpoint.load(checkpoint_path)
     with torch.device("meta"):
         model = Transformer(ckpt.args)
     if ckpt.quantization:  # the file says how it was quantized: swap in the same modules before assigning
         quantize.swap_linears(model, ckpt.quantization, source=ckpt.path)
+    trained_for = torch.int8 if (ckpt.quantization or {}).get("kv_cache_bits") == 8 else None
+    if memory_budget is not None:
+        if torch.device(device).type != "cpu" or shard is not None:
+            raise UsageError("--memory_budget streams layers on the CPU of one process: use --device cpu, without torchrun")
+        streaming.stream_model(model, ckpt, dtype, memory_budget)
+        model.kv_cache_dtype = kv_cache_dtype or trained_for
+        return model.eval()
     checkpoint.load_into(model, ckpt)
     if shard is not None:
         model = shard(model)
@@ -220,7 +231,6 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optio
     if ckpt.quantization:
         quantize.prepare_for_device(model, dtype)
     # None (--kv_cache_dtype auto): what the checkpoint was trained for (scripts/qat.py --kv_bits), else --dtype
-    trained_for = torch.int8 if (ckpt.quantization or {}).get("kv_cache_bits") == 8 else None
     model.kv_cache_dtype = kv_cache_dtype or trained_for
     return model
 
@@ -285,6 +295,25 @@ def add_model_arguments(parser: ArgumentParser):
     parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     parser.add_argument("--verbose", action="store_true",
                         help="print the kernel path each layer shape takes on this CPU (measured once, then cached)")
+    parser.add_argument("--memory_budget", type=budget_argument, default=None,
+                        help="run a model larger than memory: hold at most this much (e.g. 2GB; the KV cache "
+                        "included) and stream the other layers from disk each forward (streaming.py; CPU)")
+
+
+def budget_argument(text: str) -> int:
+    try:
+        return streaming.parse_size(text)
+    except ValueError as error:
+        raise ArgumentTypeError(str(error)) from None
+
+
+def streaming_without_compile(args):
+    """A streamed model decodes eagerly: its layers' weights change place every forward, and reading them, not
+    the compute, sets its speed."""
+    if args.memory_budget is not None and args.compile:
+        print("note: --compile is ignored with --memory_budget (the streamed layers run eagerly: reading them "
+              "from disk, not the compute, sets the speed)", file=sys.stderr)
+        args.compile = False
 
 
 def model_argument_checks(args) -> list:
@@ -340,8 +369,10 @@ def parse_args(argv=None):
         (drafting_modes(args) and args.batch_size != 1,
          "drafting runs one sequence at a time: use --batch_size 1 with --draft_checkpoint_path, "
          "--medusa_checkpoint_path or --prompt_lookup_num_tokens"),
-        (args.compile_only and (drafting_modes(args) or args.compile_prefill or args.interactive),
-         "--compile_only builds the plain decode step: drop drafting, --compile_prefill and --interactive"),
+        (args.compile_only and (drafting_modes(args) or args.compile_prefill or args.interactive
+                                or args.memory_budget is not None),
+         "--compile_only builds the plain decode step: drop drafting, --compile_prefill, --interactive and "
+         "--memory_budget"),
         (args.medusa_sampling == "typical" and args.temperature == 0,
          "--medusa_sampling typical needs --temperature > 0 (at 0 Medusa verifies greedily)"),
     ]
@@ -478,6 +509,8 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
           file=sys.stderr)
     if drafter is not None:
         print(drafting.acceptance_summary(timings["accepted"], drafter.depth), file=sys.stderr)
+    if getattr(model, "streamer", None) is not None:
+        print(model.streamer.summary(), file=sys.stderr)
     if background is not None:
         print(background.summary(timings["stages"]), file=sys.stderr)
         while background.notes:
@@ -536,8 +569,9 @@ def run(args):
     shard = shard_for(layout) if layout is not None else None
 
     load_start = time.perf_counter()
+    streaming_without_compile(args)
     model = load_model(args.checkpoint_path, device, DTYPES[args.dtype], shard=shard,
-                       kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype])
+                       kv_cache_dtype=KV_CACHE_DTYPES[args.kv_cache_dtype], memory_budget=args.memory_budget)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     drafter = load_drafter(args, model, tokenizer, device, shard)
     print(f"Loaded {args.checkpoint_path} in {time.perf_counter() - load_start:.2f} s", file=sys.stderr)

@@ -87,8 +87,10 @@ def memory_figures(model: Transformer, device) -> dict:
     caches = {id(t) for layer in model.layers if layer.attention.kv_cache is not None
               for t in layer.attention.kv_cache.buffers()}
     rope_and_masks = {id(t) for name, t in model.named_buffers() if name.startswith(CACHE_BUFFERS[1:])}
-    return dict(parameters=parameters, cache_bytes=tensor_bytes(tensors[i] for i in caches),
-                model_bytes=tensor_bytes(t for i, t in tensors.items() if i not in caches | rope_and_masks),
+    streamer = getattr(model, "streamer", None)  # streaming.py: what it holds, not the model's logical size
+    model_bytes = streamer.held_bytes() if streamer is not None else \
+        tensor_bytes(t for i, t in tensors.items() if i not in caches | rope_and_masks)
+    return dict(parameters=parameters, cache_bytes=tensor_bytes(tensors[i] for i in caches), model_bytes=model_bytes,
                 layer_bytes=layer_weight_bytes(model), peak_bytes=peak_memory_gb(device) * 1e9)
 
 

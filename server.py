@@ -239,8 +239,10 @@ class Engine:
         generate.check_device(device, dtype)
         torch.manual_seed(args.seed)
         start = time.perf_counter()
+        generate.streaming_without_compile(args)
         self.model = generate.load_model(args.checkpoint_path, device, dtype,
-                                         kv_cache_dtype=generate.KV_CACHE_DTYPES[args.kv_cache_dtype])
+                                         kv_cache_dtype=generate.KV_CACHE_DTYPES[args.kv_cache_dtype],
+                                         memory_budget=args.memory_budget)
         self.tokenizer = load_tokenizer(Path(args.checkpoint_path).parent)
         self.drafter = generate.load_drafter(args, self.model, self.tokenizer, device, None)
         context = self.model.args.max_position_embeddings

@@ -11,7 +11,7 @@ LAYERS = {
     "model": 1, "tokenizer": 1,
     "checkpoint": 2, "memory": 2, "sampling": 2, "cpu_ops": 2,  # cpu_ops: native kernels, measured choice
     "quantize": 3, "kernels": 3, "medusa": 3,
-    "tp": 4,  # slices quantized modules
+    "tp": 4, "streaming": 4,  # slice / stream quantized modules
     "pipeline": 5, "drafting": 5, "compiled_step": 5,  # pipeline shares tp's start-up and counters
     "generate": 6,
     "convert_hf_checkpoint": 7, "eval": 7, "server": 7,  # the tools
