@@ -109,6 +109,21 @@ def read_layer(checkpoint: Checkpoint, index: int) -> dict:
     return {name[len(prefix):]: tensor.clone() for name, tensor in checkpoint.state_dict.items() if name.startswith(prefix)}
 
 
+def mapping_start(path: Path, tensor: torch.Tensor) -> int:
+    """The address at which torch.load(mmap=True) mapped `path` (the mapping that holds `tensor`): a tensor's
+    offset in the file is its address minus this (how streaming.py and save_generated find a tensor's bytes)."""
+    real, address = os.path.realpath(path), tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == real:
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                if low <= address < high:
+                    return low - int(fields[2], 16)
+    raise CheckpointError(f"{path} is not memory-mapped as torch.load(mmap=True) maps it; this needs Linux and a "
+                          "checkpoint written by torch.save")
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yields a temporary path to write; on success it is fsync'ed and renamed to `path`. On any failure
@@ -152,6 +167,34 @@ class _RecordingWriter:
 
     def flush(self):
         self.file.flush()
+
+
+def save_generated(path, args: ModelArgs, shapes: dict, fill, quantization: Optional[dict] = None, progress=None):
+    """Write a checkpoint larger than memory: `shapes` {name: (shape, dtype)}, each tensor made by `fill(name)`
+    only when its bytes are written, one at a time. torch.save lays the file out without the tensors' bytes
+    (skip_data: its tensors are allocated but never touched, so they take no memory), then each tensor is
+    written into its place. Atomic, as save."""
+    placeholders = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+    with atomic_output(path) as tmp:
+        with torch.serialization.skip_data():
+            torch.save({"model_args": args.to_dict(), "quantization": quantization, "state_dict": placeholders}, tmp)
+        del placeholders
+        mapped = torch.load(tmp, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        base = mapping_start(tmp, next(iter(mapped.values())))
+        offsets = {name: tensor.data_ptr() - base for name, tensor in mapped.items()}
+        del mapped
+        descriptor = os.open(tmp, os.O_WRONLY)
+        try:
+            for name in (progress or (lambda names: names))(list(shapes)):
+                tensor = fill(name).contiguous()
+                if (tuple(tensor.shape), tensor.dtype) != (tuple(shapes[name][0]), shapes[name][1]):
+                    raise ValueError(f"fill({name!r}) made {tuple(tensor.shape)} {tensor.dtype}, not {shapes[name]}")
+                data = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(descriptor, data[written:], offsets[name] + written)
+        finally:
+            os.close(descriptor)
 
 
 def save(path, args: ModelArgs, state_dict: dict, quantization: Optional[dict] = None):

@@ -116,21 +116,6 @@ def lay_out(unit: Unit, gap: int = 4096):
     unit.runs, unit.nbytes = runs, end
 
 
-def mapping_start(path: Path, tensor: Tensor) -> int:
-    """The address at which torch.load(mmap=True) mapped `path` (the mapping holding `tensor`): a tensor's file
-    offset is its address minus this."""
-    real, address = os.path.realpath(path), tensor.data_ptr()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                low, high = (int(a, 16) for a in fields[0].split("-"))
-                if low <= address < high:
-                    return low - int(fields[2], 16)
-    raise CheckpointError(f"{path} is not memory-mapped as torch.load(mmap=True) maps it; streaming needs Linux "
-                          "and a checkpoint written by torch.save")
-
-
 def tensors_of(module: nn.Module) -> list:
     """(owner, name, is parameter, tensor) for every parameter and buffer of `module` (KV caches excluded)."""
     found = []
@@ -261,7 +246,7 @@ def prepare_units(model: Transformer, ckpt: checkpoint.Checkpoint, dtype) -> tup
     are its own bytes, else in the stream file. Returns (units, embedding table placement, stream file path or
     None, the small tensors that stay resident). The embedding is (its placement, its source)."""
     checkpoint.load_into(model, ckpt)  # validated; tensors are views of the mapping, nothing is read yet
-    base = mapping_start(ckpt.path, model.norm.weight)
+    base = checkpoint.mapping_start(ckpt.path, model.norm.weight)
     fd = os.open(ckpt.path, os.O_RDONLY)
     tied = ckpt.args.tie_word_embeddings and type(model.output) is nn.Linear
     stream = StreamFile(ckpt, dtype)
@@ -469,6 +454,10 @@ class LayerStreamer:
         """Bytes of weights this process holds: resident units, the slots, the small resident tensors."""
         return (sum(b.numel() for b in self.resident.values()) + sum(s.numel() for s in self.slots)
                 + sum(t.numel() * t.element_size() for t in self.rest))
+
+    def counted_bytes(self) -> int:
+        """What the budget counts now: the weights held and the KV cache, rope tables and masks."""
+        return self.held_bytes() + self.fixed_bytes() - sum(t.numel() * t.element_size() for t in self.rest)
 
     def streamed_bytes(self) -> int:
         return sum(u.nbytes for u in self.streamed)
