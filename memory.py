@@ -49,18 +49,48 @@ def cache_bytes(model: Transformer, batch_size: int, max_seq_length: int) -> tup
 
 
 def available_bytes(device) -> int:
-    """Memory a new allocation can take now: free GPU memory, or the kernel's MemAvailable on CPU."""
+    """Memory a new allocation can take now: free GPU memory, or on CPU the kernel's MemAvailable, or less
+    where this process's cgroup (a container's memory limit) leaves less."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(available, cgroup_room())
+
+
+def cgroup_room() -> float:
+    """What this process's memory cgroup (v1 or v2) still lets it hold: its limit, less what its processes hold
+    other than the page cache (which the kernel reclaims for them); infinite without a limit."""
+    room = float("inf")
+    try:
+        with open("/proc/self/cgroup") as groups:
+            lines = [line.rstrip("\n").split(":", 2) for line in groups]
+    except OSError:
+        return room
+    for _, controllers, path in lines:
+        if "memory" in controllers.split(","):  # v1: limit_in_bytes, usage_in_bytes, stat's total_cache
+            files, cache_key = ("memory.limit_in_bytes", "memory.usage_in_bytes"), "total_cache"
+            folder = f"/sys/fs/cgroup/memory{path}"
+        elif controllers == "":  # v2: memory.max ("max": no limit), memory.current, stat's file
+            files, cache_key = ("memory.max", "memory.current"), "file"
+            folder = f"/sys/fs/cgroup{path}"
+        else:
+            continue
+        try:
+            limit, usage = (open(f"{folder}/{name}").read().strip() for name in files)
+            stat = dict(line.split() for line in open(f"{folder}/memory.stat"))
+            if limit != "max" and int(limit) < 2 ** 60:
+                room = min(room, int(limit) - int(usage) + int(stat.get(cache_key, stat.get("cache", 0))))
+        except (OSError, ValueError):
+            continue
+    return room
 
 
 def check_cache_fits(models: list, batch_size: int, max_seq_length: int, device):

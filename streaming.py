@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import checkpoint
 import cpu_ops
+import memory
 import quantize
 from cli import UsageError
 from checkpoint import CheckpointError
@@ -419,6 +420,7 @@ class LayerStreamer:
                     break
         names = {u.name for u in resident}
         self.streamed = [u for u in self.units if u.name not in names]
+        self.drop_cache = {u.name for u in resident}  # their pages would only crowd the page cache
         for unit in resident:  # read once, kept for the whole run
             buffer = torch.empty(unit.nbytes, dtype=torch.uint8)
             self.fill(unit, buffer)
@@ -442,7 +444,7 @@ class LayerStreamer:
         embedding.table = output.module.weight if same and output.name in self.resident else None
         # A cyclic scan larger than the page cache evicts each page before its next use: keep the first
         # streamed units the cache can hold cached, and drop the pages of the others as soon as they are read.
-        cache_room, kept = 0.8 * available_memory(), 0
+        cache_room, kept = 0.8 * memory.available_bytes("cpu"), 0
         self.drop_cache = set()
         for unit in self.streamed:
             kept += unit.nbytes
@@ -540,17 +542,6 @@ class LayerStreamer:
         for fd in self.files.values():
             os.close(fd)
         self.files = {}
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def stream_model(model: Transformer, ckpt: checkpoint.Checkpoint, dtype, budget: int) -> LayerStreamer:
