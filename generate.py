@@ -502,7 +502,7 @@ def generate_and_print(args, model, tokenizer, prompt: Tensor, max_seq_length: i
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
     tokens_per_s = timings["decode_tokens"] * args.batch_size / max(timings["decode_s"], 1e-9)
     print(f"Generated {timings['decode_tokens'] + 1} tokens{' (interrupted)' if timings['interrupted'] else ''} in "
-          f"{timings['prefill_s'] + timings['decode_s']:.2f} s: {tokens_per_s:.1f} tok/s, "
+          f"{timings['prefill_s'] + timings['decode_s']:.2f} s: {tokens_per_s:.{1 if tokens_per_s >= 10 else 2 if tokens_per_s >= 1 else 3}f} tok/s, "
           f"{memory.weight_bytes(model) * tokens_per_s / args.batch_size / 1e9:.1f} GB/s, "
           f"peak memory {memory.peak_memory_gb(prompt.device):.2f} GB "
           f"(prefill {prefill_counts(len(prompt), timings['reused_tokens'])} in {timings['prefill_s']:.2f} s)",

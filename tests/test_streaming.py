@@ -272,3 +272,53 @@ def test_resident_memory_stays_under_the_budget(tmp_path):
     print(f"peak resident: base {base / 1e6:.0f} MB, budgeted {budgeted / 1e6:.0f} MB, whole {whole / 1e6:.0f} MB")
     assert budgeted - base <= 1.1 * budget, (base, budgeted)
     assert whole - base >= 0.9 * model_bytes, (base, whole)  # the measure sees a model that is held
+
+
+def test_perplexity_of_a_streamed_model_is_the_loaded_models(tiny_models):
+    import eval as evaluation
+
+    _, _, checkpoint = tiny_models["mistral"]
+    tokens = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(1))
+    plain = evaluation.perplexity(generate.load_model(checkpoint, "cpu", torch.float32), tokens, 32, 16)
+    model = generate.load_model(checkpoint, "cpu", torch.float32, memory_budget=HUGE)
+    model.setup_caches(1, 32)
+    replan(model, model.streamer.fixed_bytes() + max(u.nbytes for u in model.streamer.units))
+    assert evaluation.perplexity(model, tokens, 32, 16) == plain
+
+
+def test_save_generated_writes_each_tensor_in_place(tmp_path):
+    """checkpoint.save_generated: a file torch.load and our loader read, holding exactly what `fill` made."""
+    import checkpoint
+    from model import ModelArgs, Transformer
+
+    args = ModelArgs(vocab_size=300, dim=64, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=96)
+    with torch.device("meta"):
+        shapes = {name: (tuple(t.shape), torch.bfloat16) for name, t in Transformer(args).state_dict().items()}
+    made = {name: torch.randn(shape).to(dtype) for name, (shape, dtype) in shapes.items()}
+    checkpoint.save_generated(tmp_path / "model.pth", args, shapes, lambda name: made[name])
+    loaded = checkpoint.load(tmp_path / "model.pth")
+    assert loaded.args == args and all(torch.equal(loaded.state_dict[name], made[name]) for name in shapes)
+    with pytest.raises(ValueError, match="not"):
+        checkpoint.save_generated(tmp_path / "bad.pth", args, shapes, lambda name: made[name].float())
+    assert not (tmp_path / "bad.pth").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_random_model_and_its_gguf_hold_the_same_weights(tmp_path, smollm2_checkpoint):
+    """scripts/random_model.py: our checkpoint and the F16 GGUF (read back by our converter, llama.cpp's q/k
+    row order undone) hold the same values (bfloat16 values are exact in float16 but for the smallest)."""
+    import checkpoint
+    from convert_hf_checkpoint import convert
+
+    folder = tmp_path / "random"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/random_model.py"), "--shape", "smollm2-135m",
+                             "--layers", "1", "--gguf", "--output", str(folder), "--tokenizer_from",
+                             str(smollm2_checkpoint.parent)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-500:]
+    ours = checkpoint.load(folder / "model.pth").state_dict
+    back = checkpoint.load(convert(gguf=folder / "model.f16.gguf", checkpoint_dir=tmp_path / "back",
+                                   dtype=torch.float32)).state_dict
+    assert sorted(ours) == sorted(back)
+    for name in ours:
+        assert torch.allclose(ours[name].float(), back[name], rtol=0, atol=1e-7), name
