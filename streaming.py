@@ -183,6 +183,7 @@ class StreamFile:
                 self.tables = record["units"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
+        self.previous_tables = dict(self.tables or {})  # what a rewrite keeps of the units before the first change
 
     def place(self, unit: Unit, tensors: list):
         """Record where `unit`'s prepared tensors lie in this file: as the existing file says (if its table
@@ -251,7 +252,6 @@ def prepare_units(model: Transformer, ckpt: checkpoint.Checkpoint, dtype) -> tup
     fd = os.open(ckpt.path, os.O_RDONLY)
     tied = ckpt.args.tie_word_embeddings and type(model.output) is nn.Linear
     stream = StreamFile(ckpt, dtype)
-    stream.previous_tables = dict(stream.tables or {})
     modules = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)] + [("output", model.output)]
     units, embedding = [], None
     try:

@@ -92,8 +92,8 @@ def gguf_tensors(args: ModelArgs, shapes: dict, seed: int):
         yield gguf_name, name, values
 
 
-def write_gguf(path: Path, args: ModelArgs, shapes: dict, seed: int, source_gguf: Path):
-    """An F16 GGUF (norms F32) of the same weights, written tensor by tensor, with SmolLM2's tokenizer."""
+def write_gguf(path: Path, args: ModelArgs, shapes: dict, seed: int, source_gguf: Path, float32: bool = False):
+    """An F16 (or F32) GGUF, norms F32, of the same weights, written tensor by tensor, with SmolLM2's tokenizer."""
     import gguf
     import numpy as np
 
@@ -112,7 +112,7 @@ def write_gguf(path: Path, args: ModelArgs, shapes: dict, seed: int, source_gguf
         writer.add_layer_norm_rms_eps(args.norm_eps)
         writer.add_vocab_size(args.vocab_size)
         writer.add_rope_dimension_count(args.head_dim)
-        writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float32 else gguf.LlamaFileType.MOSTLY_F16))
         for field in reader.fields.values():
             if field.name.startswith("tokenizer."):
                 value_type = field.types[0]
@@ -124,16 +124,16 @@ def write_gguf(path: Path, args: ModelArgs, shapes: dict, seed: int, source_gguf
             if "attn_q" in gguf_name or "attn_k" in gguf_name or "attn_v" in gguf_name:
                 q, kv = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
                 shape[0] = q if "attn_q" in gguf_name else kv
-            one_dim = len(shape) == 1
-            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if one_dim else np.float16),
-                                   int(np.prod(shape)) * (4 if one_dim else 2),
-                                   raw_dtype=gguf.GGMLQuantizationType.F32 if one_dim else gguf.GGMLQuantizationType.F16)
+            wide = len(shape) == 1 or float32
+            writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32 if wide else np.float16),
+                                   int(np.prod(shape)) * (4 if wide else 2),
+                                   raw_dtype=gguf.GGMLQuantizationType.F32 if wide else gguf.GGMLQuantizationType.F16)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for gguf_name, name, values in tqdm(tensors, desc=f"writing {path.name}", unit="tensor"):
             array = values().numpy()
-            writer.write_tensor_data(array.astype(np.float32 if array.ndim == 1 else np.float16))
+            writer.write_tensor_data(array.astype(np.float32 if array.ndim == 1 or float32 else np.float16))
         writer.close()
         tmp.replace(path)
     finally:
@@ -151,6 +151,51 @@ def smollm2_gguf() -> Path:
     return Path(found[0])
 
 
+def write_hf_folder(folder: Path, args: ModelArgs, shapes: dict, seed: int, tokenizer_from: Path):
+    """The same weights as a HF Llama folder (config.json, one safetensors shard per layer, its index), for
+    tools that read only HF folders (AirLLM, transformers). Our layout is HF's: q/k/v are only split apart."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    q, kv = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    parts = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    shards = [{"model.embed_tokens.weight": "tok_embeddings.weight"}]
+    for i in range(args.n_layer):
+        shard = {f"model.layers.{i}.self_attn.{p}_proj.{kind}": (f"layers.{i}.attention.wqkv.{kind}", rows)
+                 for kind in ("weight", "bias") if f"layers.{i}.attention.wqkv.{kind}" in shapes
+                 for p, rows in (("q", (0, q)), ("k", (q, q + kv)), ("v", (q + kv, q + 2 * kv)))}
+        shard.update({f"model.layers.{i}.{hf}.weight": f"layers.{i}.{ours}.weight" for ours, hf in parts.items()})
+        shards.append(shard)
+    shards.append({"model.norm.weight": "norm.weight",
+                   **({"lm_head.weight": "output.weight"} if "output.weight" in shapes else {})})
+    index = {}
+    for number, shard in enumerate(tqdm(shards, desc="writing the HF folder", unit="shard")):
+        name = f"model-{number + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for hf_name, source in shard.items():
+            ours, rows = source if isinstance(source, tuple) else (source, None)
+            tensor = random_tensor(ours, *shapes[ours], seed)
+            tensors[hf_name] = (tensor[rows[0]:rows[1]] if rows else tensor).contiguous()
+            index[hf_name] = name
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
+    dtype = str(next(iter(shapes.values()))[1]).removeprefix("torch.")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.intermediate_size, "num_hidden_layers": args.n_layer,
+              "num_attention_heads": args.n_head, "num_key_value_heads": args.n_local_heads, "head_dim": args.head_dim,
+              "vocab_size": args.vocab_size, "rope_theta": args.rope_base, "rms_norm_eps": args.norm_eps,
+              "max_position_embeddings": args.max_position_embeddings, "tie_word_embeddings": args.tie_word_embeddings,
+              "attention_bias": args.attention_bias, "torch_dtype": dtype, "hidden_act": "silu",
+              "bos_token_id": 1, "eos_token_id": 2}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, folder / name)
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-3-8b")
@@ -158,6 +203,10 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     parser.add_argument("--output", type=Path, help="folder (default: checkpoints/random-SHAPE-DTYPE)")
     parser.add_argument("--gguf", action="store_true", help="also write model.f16.gguf with the same weights")
+    parser.add_argument("--gguf_float32", action="store_true", help="the GGUF in F32 (model.f32.gguf), as many bytes as a float32 checkpoint")
+    parser.add_argument("--hf", action="store_true",
+                        help="also write the same weights as a HF folder (hf/ in the output folder; alone on an "
+                        "existing model: only the folder)")
     parser.add_argument("--tokenizer_from", type=Path, default=SMOLLM2,
                         help="folder whose tokenizer files are copied (a 49152-token vocabulary: SmolLM2's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,7 +220,7 @@ def main(argv=None):
         model_args = ModelArgs(vocab_size=VOCAB, max_position_embeddings=4096, **shape)
         folder = args.output or Path("checkpoints") / f"random-{args.shape}-{args.dtype}"
         path = folder / "model.pth"
-        if path.exists() and not args.overwrite:
+        if path.exists() and not args.overwrite and not (args.hf and not args.gguf):
             raise UsageError(f"{path} exists; pass --overwrite to replace it")
         if not (args.tokenizer_from / "tokenizer.json").exists():
             raise UsageError(f"{args.tokenizer_from} has no tokenizer.json; run scripts/prepare.sh first (SmolLM2's "
@@ -182,24 +231,34 @@ def main(argv=None):
         dtype = DTYPES[args.dtype]
         shapes = {name: (tuple(t.shape), dtype) for name, t in names.items()
                   if not (model_args.tie_word_embeddings and name == "output.weight")}
-        size = sum(torch.Size(s).numel() for s, _ in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+        parameters = sum(torch.Size(s).numel() for s, _ in shapes.values())
+        size = parameters * torch.empty(0, dtype=dtype).element_size()
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
-        if size * (2 if args.gguf else 1) > 0.95 * free:
-            raise UsageError(f"the model needs {size * (2 if args.gguf else 1) / 1e9:.1f} GB on disk but "
+        only_hf = args.hf and path.exists() and not args.overwrite and not args.gguf
+        needed = size * ((1 if only_hf else 2) if args.hf else 1) + \
+            (parameters * (4 if args.gguf_float32 else 2) if args.gguf else 0)
+        if needed > 0.95 * free:
+            raise UsageError(f"the model needs {needed / 1e9:.1f} GB on disk but "
                              f"{folder} has {free / 1e9:.1f} GB free; choose fewer --layers or another --output")
         start = time.perf_counter()
+        written = []
+        if args.hf:
+            write_hf_folder(folder / "hf", model_args, shapes, args.seed, args.tokenizer_from)
+            written.append(folder / "hf")
+        if only_hf:
+            print(f"Wrote {folder / 'hf'} in {time.perf_counter() - start:.0f} s")
+            return
         checkpoint.save_generated(path, model_args, shapes,
                                   lambda name: random_tensor(name, shapes[name][0], dtype, args.seed),
                                   progress=lambda names: tqdm(names, desc=f"writing {path.name}", unit="tensor"))
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
             if (args.tokenizer_from / name).exists():
                 shutil.copy(args.tokenizer_from / name, folder / name)
-        written = [path]
+        written.insert(0, path)
         if args.gguf:
-            written.append(folder / "model.f16.gguf")
-            write_gguf(written[-1], model_args, shapes, args.seed, source_gguf)
-        parameters = sum(torch.Size(s).numel() for s, _ in shapes.values())
+            written.append(folder / f"model.{'f32' if args.gguf_float32 else 'f16'}.gguf")
+            write_gguf(written[-1], model_args, shapes, args.seed, source_gguf, args.gguf_float32)
         print(f"Wrote a random {args.shape} ({model_args.n_layer} layers, {parameters / 1e9:.2f} B parameters, "
               f"{size / 1e9:.2f} GB {args.dtype}) in {time.perf_counter() - start:.0f} s: "
               + ", ".join(str(p) for p in written))
