@@ -12,7 +12,8 @@ included, so a model larger than the limit is a model larger than memory. Withou
 - page cache: the same bytes read again while cached;
 - ours: generate.py --memory_budget B, greedy, --ignore_eos; decode tokens/s and its own read speed;
 - llama.cpp: llama-cpp-python on the F16 GGUF, use_mmap (the default), 2 threads;
-- AirLLM: run when `airllm` is importable (it needs the weights as a HF folder, a third copy on disk).
+- AirLLM: with --airllm_python (the python of a venv with `pip install airllm`), on the same weights as a HF
+  folder (`scripts/random_model.py --hf`); its decode time is a run of N tokens less a run of one.
 """
 import importlib.util
 import mmap
@@ -43,6 +44,18 @@ start = time.perf_counter()
 for _ in range(int(sys.argv[2]) - 1):
     llm.eval([llm.sample(temp=0.0)])
 print(f"decode {(int(sys.argv[2]) - 1) / (time.perf_counter() - start)} tok/s")
+"""
+AIRLLM = """
+import sys, time, torch
+from airllm import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], device="cpu", dtype=torch.bfloat16, max_seq_len=64)
+ids = model.tokenizer([sys.argv[3]], return_tensors="pt")["input_ids"]
+times = {}
+for new in (1, int(sys.argv[2])):  # decode time: the longer run less the one that only prefills
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new, use_cache=True, return_dict_in_generate=True)
+    times[new] = time.perf_counter() - start
+print(f"decode {(int(sys.argv[2]) - 1) / (times[int(sys.argv[2])] - times[1])} tok/s")
 """
 
 
@@ -129,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--budgets", default="8GB", help="comma list of --memory_budget values for our rows")
     parser.add_argument("--new_tokens", type=int, default=4, help="tokens per row (decode speed over all but the first)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--airllm_python", type=Path, help="python of a virtual environment with airllm installed")
+    parser.add_argument("--hf_folder", type=Path, help="the weights as a HF folder (default: hf/ beside the checkpoint)")
     parser.add_argument("--skip", default="", help="comma list of rows to skip: disk, ours, llamacpp, airllm")
     args = parser.parse_args(argv)
 
@@ -185,10 +200,19 @@ def main(argv=None):
                                  f"{speed * gguf.stat().st_size / 1e9:.2f} GB/s if every token reads the file",
                                  streaming.format_size(peak) if peak else ""))
                     print(f"  {rows[-1]}", file=sys.stderr)
-            if "airllm" not in skip:
-                rows.append(("AirLLM", "not run", "needs `pip install airllm` in its own venv and the weights as a HF "
-                             "folder (a third copy on disk)" if importlib.util.find_spec("airllm") is None else
-                             "installed, but this script does not drive it yet", ""))
+            hf_folder = args.hf_folder or args.checkpoint_path.parent / "hf"
+            if "airllm" not in skip and (args.airllm_python is None or not hf_folder.is_dir()):
+                rows.append(("AirLLM", "not run", "give --airllm_python (a venv with `pip install airllm`) and the "
+                             "weights as a HF folder (scripts/random_model.py --hf)", ""))
+            elif "airllm" not in skip:
+                output, seconds, peak = run_row([str(args.airllm_python), "-c", AIRLLM, str(hf_folder),
+                                                 str(args.new_tokens), PROMPT], group)
+                speed = float(re.search(r"decode ([0-9.e-]+) tok/s", output).group(1))
+                version = subprocess.run([str(args.airllm_python), "-c", "import importlib.metadata as m; "
+                                          "print(m.version('airllm'))"], capture_output=True, text=True).stdout.strip()
+                rows.append((f"AirLLM {version}, HF folder (its own venv)", f"{speed:.3f}", "",
+                             streaming.format_size(peak) if peak else ""))
+                print(f"  {rows[-1]}", file=sys.stderr)
         finally:
             if group is not None:
                 group.remove()
