@@ -12,6 +12,7 @@ or Ctrl-C never leaves a half-written file under the final name.
 """
 import contextlib
 import errno
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,19 @@ class Checkpoint:
     state_dict: dict  # name -> tensor, memory-mapped: pages are read when a tensor is used
 
 
+def load_mapped(path):
+    """torch.load(mmap=True): a private mapping, or, for a file larger than the kernel lets a private mapping be
+    (its overcommit check counts it as memory that could be written: a file larger than RAM), a shared one.
+    Nothing here writes to the weights, so the file is never changed through it."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as error:
+        if "Cannot allocate memory" not in str(error):
+            raise
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
 def load(path) -> Checkpoint:
     """Open a checkpoint without reading its tensors (mmap), checking that it is one of ours."""
     path = Path(path)
@@ -48,7 +62,7 @@ def load(path) -> Checkpoint:
     with open(path, "rb") as file:
         head = file.read(4)
     try:
-        raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        raw = load_mapped(path)
     except Exception as error:  # zip, pickle and mmap readers each raise their own kinds
         if head == ZIP_MAGIC:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
@@ -179,7 +193,7 @@ def save_generated(path, args: ModelArgs, shapes: dict, fill, quantization: Opti
         with torch.serialization.skip_data():
             torch.save({"model_args": args.to_dict(), "quantization": quantization, "state_dict": placeholders}, tmp)
         del placeholders
-        mapped = torch.load(tmp, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        mapped = load_mapped(tmp)["state_dict"]
         base = mapping_start(tmp, next(iter(mapped.values())))
         offsets = {name: tensor.data_ptr() - base for name, tensor in mapped.items()}
         del mapped

@@ -44,6 +44,7 @@ start = time.perf_counter()
 for _ in range(int(sys.argv[2]) - 1):
     llm.eval([llm.sample(temp=0.0)])
 print(f"decode {(int(sys.argv[2]) - 1) / (time.perf_counter() - start)} tok/s")
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 AIRLLM = """
 import sys, time, torch
@@ -56,6 +57,7 @@ for new in (1, int(sys.argv[2])):  # decode time: the longer run less the one th
     model.generate(ids, max_new_tokens=new, use_cache=True, return_dict_in_generate=True)
     times[new] = time.perf_counter() - start
 print(f"decode {(int(sys.argv[2]) - 1) / (times[int(sys.argv[2])] - times[1])} tok/s")
+print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 
 
@@ -119,7 +121,8 @@ def read_speed(path: Path, size: int, direct: bool) -> float:
 
 
 def run_row(command: list, group) -> tuple:
-    """(stdout + stderr, seconds, the cgroup's peak bytes) of one row's process."""
+    """(stdout + stderr, seconds, peak bytes) of one row's process: its cgroup's peak (page cache included), or
+    without one the process's own peak resident set (VmHWM; for an mmap run that counts the mapped pages)."""
     drop_page_cache()
     if group is not None:
         group.reset_peak()
@@ -130,7 +133,12 @@ def run_row(command: list, group) -> tuple:
     if result.returncode != 0:
         last = [line for line in output.splitlines() if line.strip()][-1:] or ["(no output)"]
         raise UsageError(f"{' '.join(command[:3])}... failed (exit {result.returncode}): {last[0][:200]}")
-    return output, seconds, group.peak() if group is not None else 0
+    own = re.search(r"VmHWM:\s+(\d+) kB", output) or re.search(r"peak memory ([0-9.]+) GB", output)
+    if group is not None:
+        return output, seconds, group.peak()
+    if own is None:
+        return output, seconds, 0
+    return output, seconds, int(own.group(1)) * 1024 if "VmHWM" in own.group(0) else float(own.group(1)) * 1e9
 
 
 def main(argv=None):
@@ -139,6 +147,8 @@ def main(argv=None):
     parser.add_argument("--gguf", type=Path, default=None, help="F16 GGUF of the same weights (default: model.f16.gguf beside it)")
     parser.add_argument("--memory_limit", type=streaming.parse_size, default=None,
                         help="run each row in a memory cgroup of this size (root; e.g. 12GB)")
+    parser.add_argument("--dtype", default="bfloat16", help="our rows' --dtype (the checkpoint's own: read from it "
+                        "directly; another: a converted copy is written to its stream file first)")
     parser.add_argument("--budgets", default="8GB", help="comma list of --memory_budget values for our rows")
     parser.add_argument("--new_tokens", type=int, default=4, help="tokens per row (decode speed over all but the first)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -150,7 +160,7 @@ def main(argv=None):
     def run(_):
         if not args.checkpoint_path.is_file():
             raise UsageError(f"{args.checkpoint_path} not found; make it with scripts/random_model.py --gguf")
-        gguf = args.gguf or args.checkpoint_path.with_name("model.f16.gguf")
+        gguf = args.gguf or next(iter(sorted(args.checkpoint_path.parent.glob("model.f*.gguf"))), Path("model.f16.gguf"))
         budgets = [streaming.parse_size(b) for b in args.budgets.split(",")]
         skip = set(args.skip.split(","))
         group = None
@@ -179,7 +189,7 @@ def main(argv=None):
             if "ours" not in skip:
                 for budget in budgets:
                     command = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(args.checkpoint_path),
-                               "--memory_budget", str(budget), "--prompt", PROMPT, "--max_new_tokens",
+                               "--memory_budget", str(budget), "--dtype", args.dtype, "--prompt", PROMPT, "--max_new_tokens",
                                str(args.new_tokens), "--ignore_eos", "--device", "cpu"]
                     output, seconds, peak = run_row(command, group)
                     speed = float(re.search(r"([0-9.]+) tok/s", output).group(1))
@@ -196,7 +206,7 @@ def main(argv=None):
                     output, seconds, peak = run_row([sys.executable, "-c", LLAMACPP, str(gguf), str(args.new_tokens),
                                                      str(args.threads), PROMPT], group)
                     speed = float(re.search(r"decode ([0-9.e-]+) tok/s", output).group(1))
-                    rows.append(("llama.cpp F16 GGUF, mmap (llama-cpp-python)", f"{speed:.3f}",
+                    rows.append((f"llama.cpp {gguf.name.split('.')[1].upper()} GGUF, mmap (llama-cpp-python)", f"{speed:.3f}",
                                  f"{speed * gguf.stat().st_size / 1e9:.2f} GB/s if every token reads the file",
                                  streaming.format_size(peak) if peak else ""))
                     print(f"  {rows[-1]}", file=sys.stderr)
@@ -216,7 +226,7 @@ def main(argv=None):
         finally:
             if group is not None:
                 group.remove()
-        print("| row | decode tok/s | read speed | peak memory |\n|---|---:|---|---:|")
+        print(f"| row | decode tok/s | read speed | peak memory{' (cgroup)' if group else ' (process)'} |\n|---|---:|---|---:|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
 
