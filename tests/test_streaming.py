@@ -322,3 +322,27 @@ def test_random_model_and_its_gguf_hold_the_same_weights(tmp_path, smollm2_check
     assert sorted(ours) == sorted(back)
     for name in ours:
         assert torch.allclose(ours[name].float(), back[name], rtol=0, atol=1e-7), name
+
+
+def test_a_file_too_large_for_a_private_mapping_is_mapped_shared(tiny_models, monkeypatch):
+    """The kernel refuses a private mapping larger than RAM (overcommit): checkpoint.load then maps the file
+    shared, and streaming reads it the same way."""
+    import checkpoint
+
+    _, _, path = tiny_models["llama"]
+    real_load, calls = torch.load, []
+
+    def refusing_private(*args, **kwargs):
+        calls.append(torch.serialization.get_default_mmap_options())
+        if len(calls) == 1:
+            raise RuntimeError(f"unable to mmap 29529039179 bytes from file <{path}>: Cannot allocate memory (12)")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", refusing_private)
+    model = generate.load_model(path, "cpu", torch.float32, memory_budget=HUGE)
+    monkeypatch.setattr(torch, "load", real_load)
+    import mmap
+    assert calls[-1] == mmap.MAP_SHARED and len(calls) == 2
+    reference = run_forwards(generate.load_model(path, "cpu", torch.float32), TOKENS)
+    assert torch.equal(run_forwards(model, TOKENS), reference)
+    assert checkpoint.load(path).args == model.args
