@@ -54,22 +54,6 @@ class DecodeAttention(Attention):
     int4 86 -> 109 tok/s; bfloat16 and int8 unchanged within noise.
     """
 
-    def attend_through_cache(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
-        """An int8 cache is read as int8: its scales applied to the scores (per key) and to the probabilities
-        (per value), so no dequantized copy of the cache is made, and inductor's loop reads a byte per entry."""
-        cache = self.kv_cache
-        if cache is None or not cache.quantized or q.shape[2] != 1 or not torch.compiler.is_compiling():
-            return super().attend_through_cache(q, k, v, mask, cache_pos)
-        k, k_scales, v, v_scales = cache.update(cache_pos, k, v, dequantize=False)
-        batch, heads, _, head_dim = q.shape
-        dtype = q.dtype
-        kv_heads = k.shape[1]
-        q = q.view(batch, kv_heads, heads // kv_heads, 1, head_dim).float()
-        scores = (q * k[:, :, None].float()).sum(-1) * (k_scales[:, :, None, :, 0] * head_dim ** -0.5)
-        probs = torch.softmax(scores.masked_fill(~mask, -float("inf")), dim=-1) * v_scales[:, :, None, :, 0]
-        out = (probs[..., None] * v[:, :, None].float()).sum(-2)
-        return out.view(batch, heads, 1, head_dim).to(dtype)
-
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         if q.shape[2] != 1 or not torch.compiler.is_compiling():
             return super().attend(q, k, v, mask)

@@ -116,9 +116,7 @@ class KVCache(nn.Module):
             self.register_buffer("k_scales", torch.zeros(shape[:-1] + (1,)), persistent=False)
             self.register_buffer("v_scales", torch.zeros(shape[:-1] + (1,)), persistent=False)
 
-    def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor, dequantize: bool = True):
-        """Write the new entries; return the whole cache (dequantized, or for a quantized cache with
-        dequantize=False its int8 entries and scales: k, k_scales, v, v_scales)."""
+    def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor):
         # The cache is allocated for max_batch_size; a smaller batch uses its first rows.
         bsz = k_val.shape[0]
         k_out, v_out = self.k_cache[:bsz], self.v_cache[:bsz]
@@ -131,8 +129,6 @@ class KVCache(nn.Module):
             quantized, scale = quantize_kv(values)
             cache.index_copy_(2, input_pos, quantized)
             scales.index_copy_(2, input_pos, scale)
-        if not dequantize:
-            return k_out, k_scales, v_out, v_scales
         return (k_out * k_scales).to(k_val.dtype), (v_out * v_scales).to(v_val.dtype)
 
     def move(self, source: Tensor, destination: Tensor):
@@ -186,14 +182,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = self.attend_through_cache(q, k, v, mask, cache_pos)
-        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
-
-    def attend_through_cache(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
-        """The new keys and values written to the cache, then attention over all it holds."""
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
-        return self.attend(q, k, v, mask)
+        y = self.attend(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """q [batch, heads, seq, head_dim]; k, v [batch, kv_heads, cache_len, head_dim] as the cache holds them."""

@@ -108,25 +108,3 @@ def test_cli_flag(smollm2_checkpoint, capsys):
            for flag, report in reports.items()}
     kv_megabytes = {flag: float(line.split("|")[3].split()[0]) for flag, line in row.items()}
     assert kv_megabytes["int8"] == pytest.approx(kv_megabytes["auto"] * (64 + 4) / (4 * 64), rel=0.02)
-
-
-@pytest.mark.slow
-def test_compiled_decode_reads_the_int8_cache_as_int8_with_eager_logits(tiny_models):
-    """Under compile, one decoded token attends over the int8 entries with their scales applied to the scores
-    and probabilities (no dequantized copy): float32 logits within 1e-5 of the eager path, which dequantizes."""
-    import kernels
-
-    _, _, checkpoint = tiny_models["qwen3"]
-    eager, compiled = (generate.load_model(checkpoint, "cpu", torch.float32, kv_cache_dtype=torch.int8) for _ in "ab")
-    kernels.use_decode_kernels([compiled], "cpu", mode="whole")
-    step = torch.compile(lambda x, pos: compiled(x, pos), fullgraph=True)
-    tokens = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
-    for model in (eager, compiled):
-        model.setup_caches(1, 32)
-        with torch.no_grad():
-            model(tokens[:, :20], torch.arange(20))
-    with torch.no_grad():
-        for pos in range(20, 30):
-            expected = eager(tokens[:, pos:pos + 1], torch.tensor([pos]))
-            assert torch.allclose(step(tokens[:, pos:pos + 1], torch.tensor([pos])), expected, rtol=0, atol=1e-5), pos
-    assert torch.equal(eager.layers[0].attention.kv_cache.k_cache, compiled.layers[0].attention.kv_cache.k_cache)
