@@ -17,8 +17,10 @@ import gc
 import glob
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -411,21 +413,60 @@ def llamacpp_decode(llm, prompt_ids: list, new_tokens: int):
     return (new_tokens - 1) / (time.perf_counter() - start), tokens
 
 
-def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens: int, runs: int, threads: int,
-                   bench_dir: Path):
+def llamacpp_measure(path: Path, prompt_ids: list, new_tokens: int, runs: int, threads: int,
+                     extra_buffers: bool = True):
+    """A warm-up and `runs` timed decodes of one GGUF; [(tok/s, tokens)]. extra_buffers=False turns off
+    llama.cpp's extra buffer types (weights repacked for AMX or wider SIMD at load)."""
+    import llama_cpp.llama_cpp as bindings
     from llama_cpp import Llama
 
-    path = llamacpp_gguf(gguf_path, bench_dir, type_name)
-    WEIGHT_BYTES[type_name] = path.stat().st_size
-    # The prompt goes in as our token ids (same vocabulary), so every engine sees the same tokens.
-    llm = Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + new_tokens), n_threads=threads,
-                n_threads_batch=threads, verbose=False, logits_all=False)
+    default_params = bindings.llama_model_default_params
+    if not extra_buffers:  # Llama() takes no flag for it: its model parameters start from this function
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        bindings.llama_model_default_params = without_extra_buffers
+    try:
+        # The prompt goes in as our token ids (same vocabulary), so every engine sees the same tokens.
+        llm = Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + new_tokens), n_threads=threads,
+                    n_threads_batch=threads, verbose=False, logits_all=False)
+    finally:
+        bindings.llama_model_default_params = default_params
     try:
         llamacpp_decode(llm, prompt_ids, new_tokens)  # warm-up
-        results = [llamacpp_decode(llm, prompt_ids, new_tokens) for _ in range(runs)]
+        return [llamacpp_decode(llm, prompt_ids, new_tokens) for _ in range(runs)]
     finally:
         llm.close()
-    return [speed for speed, _ in results], results[-1][1], []
+
+
+def llamacpp_child(path: Path, prompt_ids: list, new_tokens: int, runs: int, threads: int, extra_buffers: bool):
+    """llamacpp_measure in a child process: a crash inside llama.cpp (its AMX path segfaults on some VMs that
+    advertise AMX) ends that process, not the benchmark. Returns (results or None, the child's exit status)."""
+    request = json.dumps({"path": str(path), "prompt_ids": prompt_ids, "new_tokens": new_tokens, "runs": runs,
+                          "threads": threads, "extra_buffers": extra_buffers})
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--llamacpp_child", request],
+                            capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        return None, result.returncode, result.stderr.strip()[-300:]
+    return [tuple(run) for run in json.loads(result.stdout.strip().splitlines()[-1])], 0, ""
+
+
+def bench_llamacpp(gguf_path: Path, type_name: str, prompt_ids: list, new_tokens: int, runs: int, threads: int,
+                   bench_dir: Path):
+    path = llamacpp_gguf(gguf_path, bench_dir, type_name)
+    WEIGHT_BYTES[type_name] = path.stat().st_size
+    notes = []
+    results, status, stderr = llamacpp_child(path, prompt_ids, new_tokens, runs, threads, True)
+    if results is None and status < 0:  # killed by a signal: try once more without the repacked weight buffers
+        signal_name = signal.Signals(-status).name
+        tqdm.write(f"llama.cpp crashed ({signal_name}) on {path.name}; measuring it again without its extra buffer "
+                   f"types (AMX / repacked weights)", file=sys.stderr)
+        notes.append(f"extra buffer types off: with them llama.cpp crashed ({signal_name}) here")
+        results, status, stderr = llamacpp_child(path, prompt_ids, new_tokens, runs, threads, False)
+    if results is None:
+        raise BenchError(f"llama.cpp failed on {path} (exit status {status}): {stderr or 'no message'}")
+    return [speed for speed, _ in results], results[-1][1], notes
 
 
 # ---------------------------------------------------------------- the table
@@ -603,6 +644,13 @@ def run(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--llamacpp_child"]:  # bench_llamacpp's child process: one JSON request in, JSON out
+        request = json.loads(argv[1])
+        results = llamacpp_measure(Path(request["path"]), request["prompt_ids"], request["new_tokens"],
+                                   request["runs"], request["threads"], request["extra_buffers"])
+        print(json.dumps(results))
+        return
     args = parse_args(argv)
     cli.run(lambda _: run(args))
 
