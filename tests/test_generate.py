@@ -1,4 +1,5 @@
 """generate.py: sampling, the CLI on the real model (eager and compiled), and its errors."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -209,6 +210,46 @@ def test_bench_unknown_row(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--rows", "ours-int3"])
     assert exit_info.value.code == 2 and "unknown row 'ours-int3'" in capsys.readouterr().err
+
+
+def test_bench_llamacpp_crash_retried_without_extra_buffers(tmp_path, monkeypatch):
+    """llama.cpp killed by a signal (its AMX path segfaults on some VMs) costs one retry with its extra buffer
+    types off, noted in the row; a second failure, or a plain error exit, is one clear error."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    gguf = tmp_path / "model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(bench, "llamacpp_gguf", lambda source, bench_dir, type_name: gguf)
+    calls = []
+
+    def child(path, prompt_ids, new_tokens, runs, threads, extra_buffers):
+        calls.append(extra_buffers)
+        if extra_buffers:
+            return None, -11, ""
+        return [(50.0, [1, 2]), (52.0, [1, 2])], 0, ""
+
+    monkeypatch.setattr(bench, "llamacpp_child", child)
+    speeds, tokens, notes = bench.bench_llamacpp(gguf, "Q8_0", [1], 3, 2, 2, tmp_path)
+    assert calls == [True, False] and speeds == [50.0, 52.0] and tokens == [1, 2]
+    assert notes == ["extra buffer types off: with them llama.cpp crashed (SIGSEGV) here"]
+
+    monkeypatch.setattr(bench, "llamacpp_child", lambda *args: (None, 1, "bad magic"))
+    with pytest.raises(bench.BenchError, match="llama.cpp failed on .* \\(exit status 1\\): bad magic"):
+        bench.bench_llamacpp(gguf, "Q8_0", [1], 3, 2, 2, tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_bench_llamacpp_child_process(smollm2_gguf):
+    """The child protocol end to end: SmolLM2's GGUF decoded greedily by llama.cpp in a child process, its
+    extra buffer types off (the way that ran on every machine so far)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    results, status, stderr = bench.llamacpp_child(smollm2_gguf, [1, 2, 3], 4, 2, 2, False)
+    assert status == 0, stderr
+    assert len(results) == 2 and all(speed > 0 and len(tokens) == 4 for speed, tokens in results)
+    assert results[0][1] == results[1][1]  # greedy: the same tokens every run
 
 
 def test_dtype_the_device_cannot_run(tiny_models, monkeypatch, capsys):
