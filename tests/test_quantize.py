@@ -234,7 +234,10 @@ def test_gguf_k_quants_kept_quantized(smollm2_gguf, tmp_path, capsys):
     for m in (model, float_model):
         m.setup_caches(1, 16)
     with torch.no_grad():
-        assert close_to(model(tokens, torch.arange(16)), float_model(tokens, torch.arange(16)), 0.03)
+        # Every layer's weights are pinned exactly above; what is left is the kernels' activation rounding
+        # (bfloat16 into ATen's int4 prefill kernel, int8 into the native ones) through 30 layers: 0.030 of
+        # the logits' scale on an AVX-512 Xeon, less on Zen 3. This checks that the kept layers' kernels run.
+        assert close_to(model(tokens, torch.arange(16)), float_model(tokens, torch.arange(16)), 0.05)
     assert generate(model, tokens[0, :8], 4).shape == (1, 12)  # decoding: the g16 layers' own paths
 
 
