@@ -202,6 +202,11 @@ def test_float_linears_take_their_measured_paths(tmp_path):
         for rows in (1, 3, 4, 5, 8):
             x = torch.randn(2, rows, 64)
             assert torch.allclose(linear.run_path(path, x), x @ linear.weight.T + linear.bias, atol=1e-5), (path, rows)
+    if cpu_ops.load():  # an input width that leaves a remainder after the vector loops (16 or 32 at a time)
+        odd = kernels.DecodeLinear(72, 24)
+        for rows in (1, 2, 3):
+            x = torch.randn(rows, 72)
+            assert torch.allclose(odd.run_path("native", x), x @ odd.weight.T + odd.bias, atol=1e-5), rows
     x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
     if cpu_ops.load():  # 16-bit weights widened in registers, float32 sums, rounded once
         weight = linear.weight.bfloat16()
