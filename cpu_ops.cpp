@@ -27,16 +27,57 @@ namespace {
 constexpr int64_t BLOCK = 32;  // activation quantization block, and the unit of the integer dot product
 constexpr int64_t MAX_ROWS = 8;  // activation rows kept in registers at once (a verification of up to 7 drafts)
 
+// 8 values widened to float32: float, bfloat16 (float32's high half) or float16.
+#if defined(__AVX2__)
+template <typename T>
+inline __m256 load_float8(const T* p);
+template <>
+inline __m256 load_float8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <>
+inline __m256 load_float8<c10::BFloat16>(const c10::BFloat16* p) {  // bfloat16 is float32's high half
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+template <>
+inline __m256 load_float8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
 // x [rows, K] (float, bfloat16 or float16) -> q int8 [rows, K], scale [rows, K/32], scaled_sum [rows, K/32]
-// = scale * sum(q in block).
+// = scale * sum(q in block). q = round-half-even(x / scale) either way (the vector conversion rounds as
+// nearbyint does), so the AVX2 loop and the plain one give the same bytes.
 template <typename T>
 void quantize_activations(const T* x, int64_t rows, int64_t K, int8_t* q, float* scale, float* scaled_sum) {
   const int64_t blocks = K / BLOCK;
-  float values[BLOCK];
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       const T* xb = x + r * K + b * BLOCK;
       int8_t* qb = q + r * K + b * BLOCK;
+#if defined(__AVX2__)
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      for (int i = 0; i < 4; ++i) {
+        v[i] = load_float8(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.f;
+      const __m256 inverse = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      __m256i qi[4];
+      for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+      const __m256i total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      const int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+      // packs work within 128-bit lanes: 32-bit groups come out as 0 2 4 6 1 3 5 7 of the wanted order
+      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb),
+                          _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+      float values[BLOCK];
       float amax = 0.f;
       for (int64_t i = 0; i < BLOCK; ++i) {
         values[i] = static_cast<float>(xb[i]);
@@ -50,6 +91,7 @@ void quantize_activations(const T* x, int64_t rows, int64_t K, int8_t* q, float*
         qb[i] = static_cast<int8_t>(v);
         sum += v;
       }
+#endif
       scale[r * blocks + b] = d;
       scaled_sum[r * blocks + b] = d * static_cast<float>(sum);
     }
@@ -195,81 +237,143 @@ void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, cons
   }
 }
 
-// 4-bit weights in llama.cpp's block order: 16 bytes a block of 32, element i in the low nibble of byte i and
-// element 16 + i in its high nibble; value = d * q + m (q in 0..15), d and m float16 per group. The m terms
-// need only the sum of each activation block: sum over blocks of m * scale * sum(q), kept apart (as a vector
-// over each span's blocks).
-template <int ROWS>
-void int4_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int64_t K, int shift,
-               const int8_t* xq, const float* x_scale, const float* x_scaled_sum, float* out, int64_t N,
-               int64_t n_begin, int64_t n_end) {
-  const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* wn = w + n * (K / 2);
-    const c10::Half* dn = w_d + n * groups;
-    const c10::Half* mn = w_m + n * groups;
+// 4-bit weights in tiles of TILE output channels (cpu_ops.int4_tiles), so that one vector holds 4 inputs of
+// each of 16 channels and one integer dot-product instruction against 4 activations broadcast advances 16
+// outputs at once: the per-block float work (convert, scale, accumulate) is shared by 16 channels instead of
+// being repeated for each, and no channel ends in a horizontal sum. Within a tile, block b (32 inputs) is 4
+// vectors of 64 bytes, vector j holding [channel i][byte k] = input 4j + k in the low nibble and 16 + 4j + k
+// in the high one; value = d * q + m (q in 0..15), d and m float16 per channel and group, laid out
+// [tile][group][channel]. The m terms need only each activation block's sum: m * scale * sum(q).
+constexpr int64_t TILE = 16;
+constexpr int64_t TILE_BLOCK_BYTES = TILE * BLOCK / 2;  // one block of 32 inputs of a tile's 16 channels
+
+inline int32_t four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 #if defined(__AVX2__)
-    constexpr int C = chains<ROWS>();
-    __m256 acc[C][ROWS], offsets[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
-      offsets[r] = _mm256_setzero_ps();
-      for (int c = 0; c < C; ++c) acc[c][r] = _mm256_setzero_ps();
+// The 8 channels [8h, 8h + 8) of vector j's int32 sums over its 4 inputs, low and high nibbles, added into
+// dot: 256-bit VNNI where the CPU has it, else maddubs (pairs into int16, which the caller widens once a block:
+// 8 pairs of at most 2 * 15 * 127 stay within int16).
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) || defined(__AVXVNNI__)
+constexpr bool VNNI256 = true;
+#else
+constexpr bool VNNI256 = false;
+#endif
+inline __m256i nibble_dot(__m256i dot, __m256i nibbles, int32_t four_activations) {
+  const __m256i x = _mm256_set1_epi32(four_activations);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(dot, nibbles, x);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(dot, nibbles, x);
+#else
+  return _mm256_add_epi16(dot, _mm256_maddubs_epi16(nibbles, x));
+#endif
+}
+#endif
+
+// out[r, c] for the ROWS rows of one chunk and the channels of tiles [t_begin, t_end).
+template <int ROWS>
+void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int64_t K, int shift,
+                    const int8_t* xq, const float* x_scale, const float* x_scaled_sum, float* out, int64_t N,
+                    int64_t t_begin, int64_t t_end) {
+  const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const uint8_t* wt = w + t * blocks * TILE_BLOCK_BYTES;
+    const c10::Half* dt = w_d + t * groups * TILE;
+    const c10::Half* mt = w_m + t * groups * TILE;
+    alignas(64) float result[ROWS][TILE];
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* wb = wt + b * TILE_BLOCK_BYTES;
+      __m512i dot[ROWS][2];  // low and high nibbles: two dependency chains per row
+      for (int r = 0; r < ROWS; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        const __m512i packed = _mm512_loadu_si512(wb + 64 * j);
+        const __m512i lo = _mm512_and_si512(packed, low_nibbles);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+        for (int r = 0; r < ROWS; ++r) {
+          const int8_t* xb = xq + r * K + b * BLOCK;
+          dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo, _mm512_set1_epi32(four_bytes(xb + 4 * j)));
+          dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], hi, _mm512_set1_epi32(four_bytes(xb + 16 + 4 * j)));
+        }
+      }
+      const int64_t g = b >> shift;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + g * TILE)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + g * TILE)));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x_scale[r * blocks + b])), sums, acc[r]);
+        acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x_scaled_sum[r * blocks + b]), acc[r]);
+      }
     }
+    for (int r = 0; r < ROWS; ++r) _mm512_store_ps(result[r], acc[r]);
+#elif defined(__AVX2__)
     const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    alignas(32) float factor[ROWS][SPAN];
-    float tail_offsets[ROWS] = {};
-    auto prepare = [&](int64_t b) {
-      const __m256 d = span_weights(dn, b, shift), m = span_weights(mn, b, shift);
-      for (int r = 0; r < ROWS; ++r) {
-        _mm256_store_ps(factor[r], _mm256_mul_ps(d, _mm256_loadu_ps(x_scale + r * blocks + b)));
-        offsets[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(x_scaled_sum + r * blocks + b), offsets[r]);
+    for (int h = 0; h < 2; ++h) {  // the tile's two halves of 8 channels, one 256-bit vector each
+      __m256 acc[ROWS];
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = wt + b * TILE_BLOCK_BYTES + 32 * h;
+        __m256i dot[ROWS];
+        for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j));
+          const __m256i lo = _mm256_and_si256(packed, low_nibbles);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+          for (int r = 0; r < ROWS; ++r) {
+            const int8_t* xb = xq + r * K + b * BLOCK;
+            dot[r] = nibble_dot(nibble_dot(dot[r], lo, four_bytes(xb + 4 * j)), hi, four_bytes(xb + 16 + 4 * j));
+          }
+        }
+        const int64_t g = b >> shift;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dt + g * TILE + 8 * h)));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mt + g * TILE + 8 * h)));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i sums32 = VNNI256 ? dot[r] : _mm256_madd_epi16(dot[r], _mm256_set1_epi16(1));
+          acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(x_scale[r * blocks + b])),
+                                   _mm256_cvtepi32_ps(sums32), acc[r]);
+          acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x_scaled_sum[r * blocks + b]), acc[r]);
+        }
       }
-    };
-    auto tail = [&](int64_t b) {
-      const float d = half_to_float(dn[b >> shift]), m = half_to_float(mn[b >> shift]);
-      for (int r = 0; r < ROWS; ++r) {
-        factor[r][0] = d * x_scale[r * blocks + b];
-        tail_offsets[r] += m * x_scaled_sum[r * blocks + b];
-      }
-    };
-    auto block = [&](int64_t b, int j, __m256* a) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + b * BLOCK / 2));
-      const __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
-        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&factor[r][j]), _mm256_cvtepi32_ps(dot_unsigned_signed(wv, xv)),
-                               a[r]);
-      }
-    };
-    for_spans<ROWS>(blocks, acc, factor, prepare, block, tail);
-    for (int r = 0; r < ROWS; ++r) {
-      __m256 total = offsets[r];
-      for (int c = 0; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]);
-      out[r * N + n] = horizontal_sum(total) + tail_offsets[r];
+      for (int r = 0; r < ROWS; ++r) _mm256_store_ps(result[r] + 8 * h, acc[r]);
     }
 #else
-    for (int r = 0; r < ROWS; ++r) {
-      float total = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        int32_t dot = 0;
-        for (int64_t i = 0; i < BLOCK / 2; ++i) {
-          const uint8_t byte = wn[b * BLOCK / 2 + i];
-          dot += int32_t(byte & 0xF) * xq[r * K + b * BLOCK + i] + int32_t(byte >> 4) * xq[r * K + b * BLOCK + 16 + i];
+    for (int r = 0; r < ROWS; ++r)
+      for (int64_t i = 0; i < TILE; ++i) {
+        float total = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint8_t* wb = wt + b * TILE_BLOCK_BYTES;
+          const int8_t* xb = xq + r * K + b * BLOCK;
+          int32_t dot = 0;
+          for (int j = 0; j < 4; ++j)
+            for (int k = 0; k < 4; ++k) {
+              const uint8_t byte = wb[64 * j + 4 * i + k];
+              dot += int32_t(byte & 0xF) * xb[4 * j + k] + int32_t(byte >> 4) * xb[16 + 4 * j + k];
+            }
+          const int64_t g = b >> shift;
+          total += static_cast<float>(dt[g * TILE + i]) * x_scale[r * blocks + b] * float(dot)
+                   + static_cast<float>(mt[g * TILE + i]) * x_scaled_sum[r * blocks + b];
         }
-        total += static_cast<float>(dn[b >> shift]) * x_scale[r * blocks + b] * float(dot)
-                 + static_cast<float>(mn[b >> shift]) * x_scaled_sum[r * blocks + b];
+        result[r][i] = total;
       }
-      out[r * N + n] = total;
-    }
 #endif
+    const int64_t channels = std::min(TILE, N - t * TILE);  // the last tile's padding channels are dropped
+    for (int r = 0; r < ROWS; ++r) std::memcpy(out + r * N + t * TILE, result[r], channels * sizeof(float));
   }
 }
 
-// Runs `launch` over row chunks of at most MAX_ROWS and output channels split between threads; each thread
-// reads its weight rows once per chunk, and a chunk's quantized activations stay in L1. The activations are
-// quantized once, before the threads start, into buffers kept between calls (no allocation per call).
+// Runs `launch` over row chunks of at most MAX_ROWS and output units (channels, or tiles of `unit` channels)
+// split between threads; each thread reads its weights once per chunk, and a chunk's quantized activations stay
+// in L1. The activations are quantized once, before the threads start, into buffers kept between calls (no
+// allocation per call).
 template <typename Launch>
-at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, const Launch& launch) {
+at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Launch& launch) {
   TORCH_CHECK(x_in.dim() == 2, "x must be [rows, K]");
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), K = x.size(1), blocks = K / BLOCK;
@@ -294,7 +398,7 @@ at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, const Launch& launch) {
   const int8_t* q = xq.data();
   const float* scale = x_scale.data();
   const float* scaled_sum = x_scaled_sum.data();
-  at::parallel_for(0, N, grain, [&](int64_t n_begin, int64_t n_end) {
+  at::parallel_for(0, (N + unit - 1) / unit, (grain + unit - 1) / unit, [&](int64_t n_begin, int64_t n_end) {
     for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
       launch(std::min(MAX_ROWS, rows - r0), q + r0 * K, scale + r0 * blocks, scaled_sum + r0 * blocks,
              result + r0 * N, n_begin, n_end);
@@ -332,25 +436,27 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   const int shift = group_shift(K, groupsize);
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
-  return run_chunks(x, N, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float*, float* out,
+  return run_chunks(x, N, 1, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float*, float* out,
                               int64_t n_begin, int64_t n_end) {
     DISPATCH_ROWS(chunk, int8_rows, w, s, K, shift, xq, x_scale, out, N, n_begin, n_end)
   });
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& d, const at::Tensor& m,
-                       int64_t groupsize) {
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8 [N, K/2]");
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& m,
+                       int64_t groupsize, int64_t N) {
+  const int64_t K = x.size(-1), tile_count = (N + TILE - 1) / TILE;
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K / 2,
+              "tiles must be contiguous uint8 from cpu_ops.int4_tiles");
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous()
-              && d.numel() == N * (K / groupsize) && m.numel() == d.numel(), "d and m must be contiguous float16 [N, K/groupsize]");
+              && d.numel() == tile_count * TILE * (K / groupsize) && m.numel() == d.numel(),
+              "d and m must be contiguous float16 [tiles, K/groupsize, 16]");
   const int shift = group_shift(K, groupsize);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
   const c10::Half* mp = m.data_ptr<c10::Half>();
-  return run_chunks(x, N, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum, float* out,
-                              int64_t n_begin, int64_t n_end) {
-    DISPATCH_ROWS(chunk, int4_rows, w, dp, mp, K, shift, xq, x_scale, x_sum, out, N, n_begin, n_end)
+  return run_chunks(x, N, TILE, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum,
+                                    float* out, int64_t t_begin, int64_t t_end) {
+    DISPATCH_ROWS(chunk, int4_tile_rows, w, dp, mp, K, shift, xq, x_scale, x_sum, out, N, t_begin, t_end)
   });
 }
 
@@ -359,36 +465,21 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::
 // several drafted tokens does one multiply-add per row with each weight it has read and widened to float32:
 // up to 8 rows cost about as much memory traffic as one, which is what makes drafting pay.
 
-#if defined(__AVX2__)
-template <typename W>
-inline __m256 load_weights(const W* w);
-template <>
-inline __m256 load_weights<float>(const float* w) { return _mm256_loadu_ps(w); }
-template <>
-inline __m256 load_weights<c10::BFloat16>(const c10::BFloat16* w) {  // bfloat16 is float32's high half
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-template <>
-inline __m256 load_weights<c10::Half>(const c10::Half* w) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-}
-#endif
 
 #if defined(__AVX512F__)
 // 16 weights at a time where the CPU has AVX-512: half the loads, conversions and multiply-adds per weight of
 // the 8-wide loop, which on two cores is what keeps a one-row product from reaching memory speed.
 template <typename W>
-inline __m512 load_weights16(const W* w);
+inline __m512 load_float16(const W* w);
 template <>
-inline __m512 load_weights16<float>(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load_float16<float>(const float* w) { return _mm512_loadu_ps(w); }
 template <>
-inline __m512 load_weights16<c10::BFloat16>(const c10::BFloat16* w) {
+inline __m512 load_float16<c10::BFloat16>(const c10::BFloat16* w) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 template <>
-inline __m512 load_weights16<c10::Half>(const c10::Half* w) {
+inline __m512 load_float16<c10::Half>(const c10::Half* w) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 }
 #endif
@@ -406,7 +497,7 @@ void float_rows(const W* w, int64_t K, const float* x, float* out, int64_t N, in
       for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm512_setzero_ps();
     for (; k + 16 * C <= K; k += 16 * C)
       for (int c = 0; c < C; ++c) {
-        const __m512 wv = load_weights16(wn + k + 16 * c);
+        const __m512 wv = load_float16(wn + k + 16 * c);
         for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k + 16 * c), acc[c][r]);
       }
     for (int r = 0; r < ROWS; ++r) {
@@ -418,7 +509,7 @@ void float_rows(const W* w, int64_t K, const float* x, float* out, int64_t N, in
     __m256 acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
     for (; k + 8 <= K; k += 8) {
-      const __m256 wv = load_weights(wn + k);
+      const __m256 wv = load_float8(wn + k);
       for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
     }
     for (int r = 0; r < ROWS; ++r) tail[r] = horizontal_sum(acc[r]);
@@ -493,7 +584,7 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
 
 TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor d, Tensor m, int groupsize) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 

@@ -69,7 +69,7 @@ if hasattr(torch.library, "register_fake"):
         torch.library.register_fake("gptfast_cpu::int8_linear")(
             lambda x, weight, scales, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::int4_linear")(
-            lambda x, packed, d, m, groupsize: x.new_empty(x.shape[0], packed.shape[0]))
+            lambda x, tiles, d, m, groupsize, out_features: x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::float_linear")(
             lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
 else:  # torch < 2.4
@@ -119,13 +119,23 @@ def ops():
     return torch.ops.gptfast_cpu
 
 
-def int4_blocks(q: Tensor, scales: Tensor, zeros: Tensor):
-    """Our int4 layer ((q - 8) * scale + zero, q [N, K] in 0..15) in the kernel's layout: 16 bytes per 32 inputs,
-    input i in the low nibble and i + 16 in the high one; d = scale and m = zero - 8 * scale in float16."""
+TILE = 16  # output channels interleaved in the int4 kernel's layout (cpu_ops.cpp's TILE)
+
+
+def int4_tiles(q: Tensor, scales: Tensor, zeros: Tensor):
+    """Our int4 layer ((q - 8) * scale + zero, q [N, K] in 0..15) in the kernel's layout (cpu_ops.cpp's
+    int4_tile_rows): channels in tiles of 16 (the last padded with zeros); per tile and block of 32 inputs, 4
+    vectors of [channel][4 bytes], byte k of vector j holding input 4j + k in its low nibble and 16 + 4j + k in
+    its high one; d = scale and m = zero - 8 * scale in float16, [tile, group, channel]."""
     out_features, in_features = q.shape
-    blocks = q.reshape(out_features, in_features // BLOCK, 2, BLOCK // 2).to(torch.uint8)
-    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out_features, in_features // 2)
-    return packed.contiguous(), scales.half().contiguous(), (zeros - 8 * scales).half().contiguous()
+    pad = -out_features % TILE
+    d, m = scales.half(), (zeros - 8 * scales).half()
+    q, d, m = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.uint8), d, m))
+    tiles, blocks = (out_features + pad) // TILE, in_features // BLOCK
+    q = q.reshape(tiles, TILE, blocks, 2, 4, 4)  # [tile, channel, block, nibble, j, k]
+    packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [tile, block, j, channel, k]
+    by_tile = lambda t: t.reshape(tiles, TILE, -1).transpose(1, 2).contiguous()
+    return packed.contiguous().reshape(-1), by_tile(d), by_tile(m)
 
 
 def quantized_activations(x: Tensor):

@@ -246,24 +246,24 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
                              persistent=False)
         if cpu_ops.load() and self.in_features % cpu_ops.BLOCK == 0:
-            for name, tensor in zip(("blocks", "block_d", "block_m"), cpu_ops.int4_blocks(q, scales, zeros)):
+            for name, tensor in zip(("tiles", "tile_d", "tile_m"), cpu_ops.int4_tiles(q, scales, zeros)):
                 self.register_buffer(name, tensor, persistent=False)
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
         chosen = set(self.paths.values()) or {"aten"}
-        if "native" not in chosen and hasattr(self, "blocks"):
-            del self.blocks, self.block_d, self.block_m
+        if "native" not in chosen and hasattr(self, "tiles"):
+            del self.tiles, self.tile_d, self.tile_m
         if "aten" not in chosen:
             del self.packed, self.scales_and_zeros
 
     def path_names(self, rows) -> list:
         """The paths whose weight layouts this layer holds (prepare_for_device frees those not chosen); prompts
         keep the weight-only ATen kernel, as for int8 (so a layer that decodes natively holds both layouts)."""
-        names = [name for name, layout in (("aten", "packed"), ("native", "blocks")) if hasattr(self, layout)]
+        names = [name for name, layout in (("aten", "packed"), ("native", "tiles")) if hasattr(self, layout)]
         return [name for name in names if name == "aten" or rows_bucket(rows) <= ROW_BUCKETS[-2]] or names
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         if path == "native":
-            return cpu_ops.ops().int4_linear(x, self.blocks, self.block_d, self.block_m, self.groupsize)
+            return cpu_ops.ops().int4_linear(x, self.tiles, self.tile_d, self.tile_m, self.groupsize, self.out_features)
         x2 = kernel_input(x)
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)

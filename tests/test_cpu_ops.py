@@ -184,7 +184,7 @@ def test_layers_take_their_measured_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(module, "run_path", lambda name, x: taken.append(name) or torch.zeros(x.shape[0], 16))
     module(torch.zeros(1, 1, 64)), module(torch.zeros(1, 5, 64)), module(torch.zeros(1, 100, 64))
     assert taken == [wanted[1], wanted[5], wanted[64]]
-    assert hasattr(module, "packed") and hasattr(module, "blocks") == cpu_ops.load()
+    assert hasattr(module, "packed") and hasattr(module, "tiles") == cpu_ops.load()
 
 
 def test_float_linears_take_their_measured_paths(tmp_path):
