@@ -2,9 +2,11 @@
 // each activation row is quantized once per call to int8 in blocks of 32 (one float scale a block), then every
 // output is a sum over blocks of (integer dot product of 32 int8 activations with 32 int8 or 4-bit weights)
 // times the two blocks' scales. Integer multiply-adds (AVX2 maddubs, or VNNI dpbusd where the CPU has it) do
-// 32 products per instruction without widening the weights to float, so the kernel stays memory-bound even on
-// two cores. Several activation rows (a drafted verification) share each weight load: the weight row is read
-// from memory once per call, whatever the number of rows.
+// 32 products per instruction without widening the weights to float. The weights lie in tiles of 16 output
+// channels, so one instruction takes 4 inputs of each of 16 channels against 4 activations broadcast: the
+// float work per block is shared by 16 channels and the kernel stays memory-bound on two cores. Several
+// activation rows (a drafted verification) share each weight load: the weights are read from memory once per
+// call, whatever the number of rows.
 //
 // Built at first use by cpu_ops.py with -march=native for the CPU it runs on; cpu_ops.py times it against the
 // other paths and keeps it only where it is faster. Plain C++ loops stand in where AVX2 is missing.
@@ -105,18 +107,6 @@ inline float horizontal_sum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-
-// Eight int32 sums of 4 products each, of unsigned bytes u (0..255) and signed bytes s.
-inline __m256i dot_unsigned_signed(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-  // maddubs sums pairs into int16: 2 * 255 * 127 would overflow, but our operands stay within 2 * 127 * 127.
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
 #endif
 
 // Blocks of 32 inputs share a weight scale per group; groups are powers of two blocks (or one group per row),
@@ -129,113 +119,10 @@ inline int group_shift(int64_t K, int64_t groupsize) {
   return __builtin_ctzll(blocks_per_group);
 }
 
-// float16 -> float32 in one instruction where the CPU has F16C (c10::Half's own conversion is bit arithmetic).
-inline float half_to_float(c10::Half h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h.x);
-#else
-  return static_cast<float>(h);
-#endif
-}
-
 // With one or two rows, one chain of multiply-adds per row would wait on the previous one's latency every
-// block; two accumulators (even and odd blocks) keep two chains in flight.
+// step; two accumulators (even and odd steps) keep two chains in flight.
 template <int ROWS>
 constexpr int chains() { return ROWS <= 2 ? 2 : 1; }
-
-// Blocks are taken 8 at a time (a span): the float factor of each (weight scale times activation scale) is
-// computed for the whole span at once, as vectors where the weight scales lie one per block (groups of 32: the
-// GGUF block size), and each block then broadcasts its own factor from memory, a single load. Per-block scalar
-// work (float16 conversions, multiplies, broadcasts from registers) cost as much as the dot product itself.
-constexpr int SPAN = 8;
-
-#if defined(__AVX2__)
-// 8 weight factors for blocks b..b+7 of one output row: float32 scales, or float16 ones.
-inline __m256 span_weights(const float* s, int64_t b, int shift) {
-  if (shift == 0) return _mm256_loadu_ps(s + b);
-  alignas(32) float f[SPAN];
-  for (int j = 0; j < SPAN; ++j) f[j] = s[(b + j) >> shift];
-  return _mm256_load_ps(f);
-}
-inline __m256 span_weights(const c10::Half* s, int64_t b, int shift) {
-  if (shift == 0) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + b)));
-  alignas(32) float f[SPAN];
-  for (int j = 0; j < SPAN; ++j) f[j] = half_to_float(s[(b + j) >> shift]);
-  return _mm256_load_ps(f);
-}
-
-// The blocks of one output row: whole spans first, where prepare(b) fills factor[r][j] for the span and
-// block(b + j, factor of row r: factor[r][j], accumulators) runs per block, alternating accumulator chains;
-// then the last blocks (fewer than a span) one by one, each with its factors from tail(b).
-template <int ROWS, typename Prepare, typename Block, typename Tail>
-inline void for_spans(int64_t blocks, __m256 (&acc)[chains<ROWS>()][ROWS], float (&factor)[ROWS][SPAN],
-                      const Prepare& prepare, const Block& block, const Tail& tail) {
-  constexpr int C = chains<ROWS>();
-  int64_t b = 0;
-  for (; b + SPAN <= blocks; b += SPAN) {
-    prepare(b);
-    for (int j = 0; j < SPAN; j += C)
-      for (int c = 0; c < C; ++c) block(b + j + c, j + c, acc[c]);
-  }
-  for (; b < blocks; ++b) {
-    tail(b);
-    block(b, 0, acc[0]);
-  }
-}
-#endif
-
-// out[r, n] for the ROWS rows of one chunk and output channels [n_begin, n_end), int8 weights [N, K] with
-// float32 scales [N, groups].
-template <int ROWS>
-void int8_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, const int8_t* xq,
-               const float* x_scale, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
-  const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
-  const bool per_channel = groups == 1;  // the row's one scale multiplies the sum once, at the end
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* wn = w + n * K;
-    const float* sn = w_scale + n * groups;
-#if defined(__AVX2__)
-    constexpr int C = chains<ROWS>();
-    __m256 acc[C][ROWS];
-    for (int c = 0; c < C; ++c)
-      for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm256_setzero_ps();
-    alignas(32) float factor[ROWS][SPAN];
-    auto prepare = [&](int64_t b) {
-      const __m256 ws = per_channel ? _mm256_set1_ps(1.f) : span_weights(sn, b, shift);
-      for (int r = 0; r < ROWS; ++r) _mm256_store_ps(factor[r], _mm256_mul_ps(ws, _mm256_loadu_ps(x_scale + r * blocks + b)));
-    };
-    auto tail = [&](int64_t b) {
-      const float ws = per_channel ? 1.f : sn[b >> shift];
-      for (int r = 0; r < ROWS; ++r) factor[r][0] = ws * x_scale[r * blocks + b];
-    };
-    auto block = [&](int64_t b, int j, __m256* a) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * BLOCK));
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + b * BLOCK));
-        // |x| as unsigned times w with x's sign: the same products, in the operand order the instruction takes.
-        const __m256i products = dot_unsigned_signed(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
-        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&factor[r][j]), _mm256_cvtepi32_ps(products), a[r]);
-      }
-    };
-    for_spans<ROWS>(blocks, acc, factor, prepare, block, tail);
-    for (int r = 0; r < ROWS; ++r) {
-      __m256 total = acc[0][r];
-      for (int c = 1; c < C; ++c) total = _mm256_add_ps(total, acc[c][r]);
-      out[r * N + n] = horizontal_sum(total) * (per_channel ? sn[0] : 1.f);
-    }
-#else
-    for (int r = 0; r < ROWS; ++r) {
-      float total = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        int32_t dot = 0;
-        for (int64_t i = 0; i < BLOCK; ++i) dot += int32_t(wn[b * BLOCK + i]) * int32_t(xq[r * K + b * BLOCK + i]);
-        total += sn[b >> shift] * x_scale[r * blocks + b] * float(dot);
-      }
-      out[r * N + n] = total;
-    }
-#endif
-  }
-}
 
 // 4-bit weights in tiles of TILE output channels (cpu_ops.int4_tiles), so that one vector holds 4 inputs of
 // each of 16 channels and one integer dot-product instruction against 4 activations broadcast advances 16
@@ -291,8 +178,10 @@ void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m
     const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* wb = wt + b * TILE_BLOCK_BYTES;
-      __m512i dot[ROWS][2];  // low and high nibbles: two dependency chains per row
-      for (int r = 0; r < ROWS; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_si512();
+      constexpr int C = chains<ROWS>();  // low and high nibbles in two dependency chains at one or two rows
+      __m512i dot[ROWS][C];
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_si512();
       for (int j = 0; j < 4; ++j) {
         const __m512i packed = _mm512_loadu_si512(wb + 64 * j);
         const __m512i lo = _mm512_and_si512(packed, low_nibbles);
@@ -300,14 +189,14 @@ void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m
         for (int r = 0; r < ROWS; ++r) {
           const int8_t* xb = xq + r * K + b * BLOCK;
           dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo, _mm512_set1_epi32(four_bytes(xb + 4 * j)));
-          dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], hi, _mm512_set1_epi32(four_bytes(xb + 16 + 4 * j)));
+          dot[r][C - 1] = _mm512_dpbusd_epi32(dot[r][C - 1], hi, _mm512_set1_epi32(four_bytes(xb + 16 + 4 * j)));
         }
       }
       const int64_t g = b >> shift;
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + g * TILE)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + g * TILE)));
       for (int r = 0; r < ROWS; ++r) {
-        const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(dot[r][0], dot[r][1]));
+        const __m512 sums = _mm512_cvtepi32_ps(C == 2 ? _mm512_add_epi32(dot[r][0], dot[r][C - 1]) : dot[r][0]);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x_scale[r * blocks + b])), sums, acc[r]);
         acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x_scaled_sum[r * blocks + b]), acc[r]);
       }
@@ -359,6 +248,98 @@ void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m
           const int64_t g = b >> shift;
           total += static_cast<float>(dt[g * TILE + i]) * x_scale[r * blocks + b] * float(dot)
                    + static_cast<float>(mt[g * TILE + i]) * x_scaled_sum[r * blocks + b];
+        }
+        result[r][i] = total;
+      }
+#endif
+    const int64_t channels = std::min(TILE, N - t * TILE);  // the last tile's padding channels are dropped
+    for (int r = 0; r < ROWS; ++r) std::memcpy(out + r * N + t * TILE, result[r], channels * sizeof(float));
+  }
+}
+
+// int8 weights in the same tiles of 16 channels (cpu_ops.int8_tiles): per tile and block of 32 inputs, 8 vectors
+// of 64 bytes, vector j holding [channel i][byte k] = input 4j + k; float32 scales [tile][group][channel].
+// VNNI multiplies unsigned bytes by signed ones: the weights go in as w + 128 (w XOR 0x80) and each block
+// takes 128 * scale * sum(activations) back off, from the activation sums the quantization already made.
+// Without VNNI, maddubs takes |x| and w with x's sign (the weights must then lie within [-127, 127]).
+constexpr int64_t INT8_TILE_BLOCK_BYTES = TILE * BLOCK;
+
+template <int ROWS>
+void int8_tile_rows(const int8_t* w, const float* w_scale, int64_t K, int shift, const int8_t* xq,
+                    const float* x_scale, const float* x_scaled_sum, float* out, int64_t N, int64_t t_begin,
+                    int64_t t_end) {
+  const int64_t blocks = K / BLOCK, groups = (blocks - 1 >> shift) + 1;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int8_t* wt = w + t * blocks * INT8_TILE_BLOCK_BYTES;
+    const float* st = w_scale + t * groups * TILE;
+    alignas(64) float result[ROWS][TILE];
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int8_t* wb = wt + b * INT8_TILE_BLOCK_BYTES;
+      constexpr int C = chains<ROWS>();  // even and odd vectors in two dependency chains at one or two rows
+      __m512i dot[ROWS][C];
+      for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < C; ++c) dot[r][c] = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) {
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(wb + 64 * j), flip);
+        for (int r = 0; r < ROWS; ++r)
+          dot[r][j % C] = _mm512_dpbusd_epi32(dot[r][j % C], u, _mm512_set1_epi32(four_bytes(xq + r * K + b * BLOCK + 4 * j)));
+      }
+      const __m512 s = _mm512_loadu_ps(st + (b >> shift) * TILE);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 sums = _mm512_cvtepi32_ps(C == 2 ? _mm512_add_epi32(dot[r][0], dot[r][C - 1]) : dot[r][0]);
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x_scale[r * blocks + b])), sums, acc[r]);
+        acc[r] = _mm512_fmadd_ps(s, _mm512_set1_ps(-128.f * x_scaled_sum[r * blocks + b]), acc[r]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) _mm512_store_ps(result[r], acc[r]);
+#elif defined(__AVX2__)
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int h = 0; h < 2; ++h) {  // the tile's two halves of 8 channels, one 256-bit vector each
+      __m256 acc[ROWS];
+      for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* wb = wt + b * INT8_TILE_BLOCK_BYTES + 32 * h;
+        __m256i dot[ROWS];
+        for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * j));
+          const __m256i u = _mm256_xor_si256(wv, flip);
+          for (int r = 0; r < ROWS; ++r) {
+            const __m256i x = _mm256_set1_epi32(four_bytes(xq + r * K + b * BLOCK + 4 * j));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            dot[r] = _mm256_dpbusd_epi32(dot[r], u, x);
+#elif defined(__AVXVNNI__)
+            dot[r] = _mm256_dpbusd_avx_epi32(dot[r], u, x);
+#else
+            (void)u;
+            const __m256i products = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(wv, x));
+            dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+#endif
+          }
+        }
+        const __m256 s = _mm256_loadu_ps(st + (b >> shift) * TILE + 8 * h);
+        for (int r = 0; r < ROWS; ++r) {
+          acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(x_scale[r * blocks + b])),
+                                   _mm256_cvtepi32_ps(dot[r]), acc[r]);
+          if (VNNI256) acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(-128.f * x_scaled_sum[r * blocks + b]), acc[r]);
+        }
+      }
+      for (int r = 0; r < ROWS; ++r) _mm256_store_ps(result[r] + 8 * h, acc[r]);
+    }
+#else
+    for (int r = 0; r < ROWS; ++r)
+      for (int64_t i = 0; i < TILE; ++i) {
+        float total = 0.f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const int8_t* wb = wt + b * INT8_TILE_BLOCK_BYTES;
+          int32_t dot = 0;
+          for (int j = 0; j < 8; ++j)
+            for (int k = 0; k < 4; ++k) dot += int32_t(wb[64 * j + 4 * i + k]) * xq[r * K + b * BLOCK + 4 * j + k];
+          total += st[(b >> shift) * TILE + i] * x_scale[r * blocks + b] * float(dot);
         }
         result[r][i] = total;
       }
@@ -428,17 +409,19 @@ at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Lau
     default: KERNEL<8>(__VA_ARGS__); break;            \
   }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t groupsize) {
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(), "weight must be contiguous int8 [N, K]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * (K / groupsize),
-              "scales must be contiguous float32 [N, K/groupsize]");
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales, int64_t groupsize,
+                       int64_t N) {
+  const int64_t K = x.size(-1), tile_count = (N + TILE - 1) / TILE;
+  TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K,
+              "tiles must be contiguous int8 from cpu_ops.int8_tiles");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous()
+              && scales.numel() == tile_count * TILE * (K / groupsize), "scales must be contiguous float32 [tiles, K/groupsize, 16]");
   const int shift = group_shift(K, groupsize);
-  const int8_t* w = weight.data_ptr<int8_t>();
+  const int8_t* w = tiles.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
-  return run_chunks(x, N, 1, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float*, float* out,
-                              int64_t n_begin, int64_t n_end) {
-    DISPATCH_ROWS(chunk, int8_rows, w, s, K, shift, xq, x_scale, out, N, n_begin, n_end)
+  return run_chunks(x, N, TILE, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum,
+                                    float* out, int64_t t_begin, int64_t t_end) {
+    DISPATCH_ROWS(chunk, int8_tile_rows, w, s, K, shift, xq, x_scale, x_sum, out, N, t_begin, t_end)
   });
 }
 
@@ -583,7 +566,7 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
 }  // namespace
 
 TORCH_LIBRARY(gptfast_cpu, m) {
-  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor tiles, Tensor scales, int groupsize, int out_features) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

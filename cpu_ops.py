@@ -67,7 +67,7 @@ if hasattr(torch.library, "register_fake"):
     def _register_fakes():
         """Output shapes for torch.compile: the kernels are opaque calls in the compiled graph."""
         torch.library.register_fake("gptfast_cpu::int8_linear")(
-            lambda x, weight, scales, groupsize: x.new_empty(x.shape[0], weight.shape[0]))
+            lambda x, tiles, scales, groupsize, out_features: x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::int4_linear")(
             lambda x, tiles, d, m, groupsize, out_features: x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::float_linear")(
@@ -86,7 +86,11 @@ def load() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64") or os.environ.get("GPT_FAST_NO_NATIVE") == "1":
         return False
     # The build's name hashes the source, the CPU's flags and torch's version: another CPU gets its own build.
-    key = hashlib.sha1(SOURCE.read_bytes() + " ".join(cpu_flags()).encode() + torch.__version__.encode())
+    # GPT_FAST_NATIVE_FLAGS ("-march=haswell", "-march=x86-64") builds for an older CPU than this one: how the
+    # AVX2 and plain C++ branches are tested on a machine that would build its own.
+    target = os.environ.get("GPT_FAST_NATIVE_FLAGS", "-march=native").split()
+    key = hashlib.sha1(SOURCE.read_bytes() + " ".join(cpu_flags()).encode() + torch.__version__.encode()
+                       + " ".join(target).encode())
     name = f"gptfast_cpu_{key.hexdigest()[:12]}"
     try:
         from torch.utils import cpp_extension
@@ -102,7 +106,7 @@ def load() -> bool:
             baton.unlink(missing_ok=True)
         if first_build:
             print("building the native CPU kernels for this machine (once, about 30 s)...", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *target, "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         if first_build:
             print(f"native CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -119,7 +123,27 @@ def ops():
     return torch.ops.gptfast_cpu
 
 
-TILE = 16  # output channels interleaved in the int4 kernel's layout (cpu_ops.cpp's TILE)
+TILE = 16  # output channels interleaved in the kernels' layouts (cpu_ops.cpp's TILE)
+
+
+def by_tile(per_channel: Tensor) -> Tensor:
+    """[N (a multiple of TILE), groups] -> [tile, group, channel]: a tile's 16 scales of a group side by side."""
+    return per_channel.reshape(-1, TILE, per_channel.shape[-1]).transpose(1, 2).contiguous()
+
+
+def padded_to_tiles(*tensors: Tensor):
+    """Channels (dim 0) padded with zeros to a whole number of tiles."""
+    return [torch.nn.functional.pad(t, (0, 0, 0, -t.shape[0] % TILE)) for t in tensors]
+
+
+def int8_tiles(weight: Tensor, scales: Tensor):
+    """int8 weights [N, K] and float32 scales [N, groups] in the kernel's layout (cpu_ops.cpp's int8_tile_rows):
+    per tile of 16 channels and block of 32 inputs, 8 vectors of [channel][4 bytes], byte k of vector j holding
+    input 4j + k; scales [tile, group, channel]."""
+    in_features = weight.shape[1]
+    weight, scales = padded_to_tiles(weight, scales.float().reshape(weight.shape[0], -1))
+    packed = weight.reshape(-1, TILE, in_features // BLOCK, 8, 4).permute(0, 2, 3, 1, 4)  # [tile, block, j, channel, k]
+    return packed.contiguous().reshape(-1), by_tile(scales)
 
 
 def int4_tiles(q: Tensor, scales: Tensor, zeros: Tensor):
@@ -127,14 +151,10 @@ def int4_tiles(q: Tensor, scales: Tensor, zeros: Tensor):
     int4_tile_rows): channels in tiles of 16 (the last padded with zeros); per tile and block of 32 inputs, 4
     vectors of [channel][4 bytes], byte k of vector j holding input 4j + k in its low nibble and 16 + 4j + k in
     its high one; d = scale and m = zero - 8 * scale in float16, [tile, group, channel]."""
-    out_features, in_features = q.shape
-    pad = -out_features % TILE
-    d, m = scales.half(), (zeros - 8 * scales).half()
-    q, d, m = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q.to(torch.uint8), d, m))
-    tiles, blocks = (out_features + pad) // TILE, in_features // BLOCK
-    q = q.reshape(tiles, TILE, blocks, 2, 4, 4)  # [tile, channel, block, nibble, j, k]
+    in_features = q.shape[1]
+    q, d, m = padded_to_tiles(q.to(torch.uint8), scales.half(), (zeros - 8 * scales).half())
+    q = q.reshape(-1, TILE, in_features // BLOCK, 2, 4, 4)  # [tile, channel, block, nibble, j, k]
     packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [tile, block, j, channel, k]
-    by_tile = lambda t: t.reshape(tiles, TILE, -1).transpose(1, 2).contiguous()
     return packed.contiguous().reshape(-1), by_tile(d), by_tile(m)
 
 

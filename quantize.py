@@ -159,13 +159,20 @@ class Int8Linear(nn.Module):
             return
         if not self.groupsize:  # ATen's per-channel kernel takes its scales in the activations' dtype
             self.register_buffer("kernel_scales", self.scales.to(kernel_dtype(dtype)), persistent=False)
-        # The native kernel needs weights within [-127, 127] (its sign trick); a GGUF may hold a -128.
-        # Its groups must be whole blocks of 32 activations (a Q6_K layer's groups of 16 are not).
+        # The native kernel needs weights within [-127, 127] (its sign trick without VNNI); a GGUF may hold a
+        # -128. Its groups must be whole blocks of 32 activations (a Q6_K layer's groups of 16 are not).
         whole_blocks = self.in_features % cpu_ops.BLOCK == 0 and (self.groupsize or cpu_ops.BLOCK) % cpu_ops.BLOCK == 0
         if cpu_ops.load() and whole_blocks and self.weight.min() > -128:
-            groups = self.scales.float().reshape(self.out_features, -1).contiguous()
-            self.register_buffer("native_scales", groups, persistent=False)
+            for name, tensor in zip(("tiles", "tile_scales"), cpu_ops.int8_tiles(self.weight, self.scales)):
+                self.register_buffer(name, tensor, persistent=False)
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
+        self.free_unchosen_tiles()
+
+    def free_unchosen_tiles(self):
+        """The native kernel's copy of the weights (tiles of 16 channels) is kept only where a path chosen here
+        takes it; the plain [N, K] weights stay for prompts, which keep the weight-only paths."""
+        if self.paths and "native" not in self.paths.values() and hasattr(self, "tiles"):
+            del self.tiles, self.tile_scales
 
     def path_names(self, rows) -> list:
         """The eager paths that can compute `rows` rows here, the default first."""
@@ -173,7 +180,7 @@ class Int8Linear(nn.Module):
         # Prompts keep the weight-only paths (the float model's arithmetic on the dequantized weights): rounding
         # a whole prompt's activations to int8 moved SmolLM2's int8 answer off "Paris". Decoded and verified
         # tokens (up to 8 rows) may take the native kernel, which rounds them per block of 32 as llama.cpp does.
-        if hasattr(self, "native_scales") and rows_bucket(rows) <= ROW_BUCKETS[-2]:
+        if hasattr(self, "tiles") and rows_bucket(rows) <= ROW_BUCKETS[-2]:
             names.append("native")
         return names
 
@@ -186,7 +193,8 @@ class Int8Linear(nn.Module):
             y = (x[..., None, :].float() * weight).sum(-1)
             return (y if self.groupsize else y * self.scales.float()).to(x.dtype)
         if path == "native":
-            return cpu_ops.ops().int8_linear(x, self.weight, self.native_scales, self.groupsize or self.in_features)
+            return cpu_ops.ops().int8_linear(x, self.tiles, self.tile_scales, self.groupsize or self.in_features,
+                                             self.out_features)
         if path == "aten":
             x2 = kernel_input(x)
             return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.kernel_scales.to(x2.dtype))
@@ -346,6 +354,7 @@ def choose_compiled_paths(models: list, dtype, choices):
                   eager: lambda: choices.time_of(f"{key} rows 1", eager) or
                   cpu_ops.time_call(lambda: module.run_path(eager, x))}
         module.paths["compiled"] = choices.choose(f"{key} rows 1 compiled", timers)
+        module.free_unchosen_tiles()
     choices.save()
 
 

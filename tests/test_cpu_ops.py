@@ -97,6 +97,23 @@ def test_native_kernels_compute_llama_cpp_arithmetic(layer, rows, tmp_path):
 
 
 @native
+@pytest.mark.parametrize("layer", ["int8 per channel", "int8 g64", "int4 g32", "int4 g128"])
+def test_native_kernels_pad_the_last_tile(layer, tmp_path):
+    """40 channels are 2.5 tiles of 16: the padding channels are computed and dropped, the others unchanged."""
+    torch.manual_seed(0)
+    module = LAYERS[layer](torch.nn.Linear(256, 48, bias=False))
+    x = torch.randn(3, 256)
+    if isinstance(module, Int8Linear):
+        tiles = cpu_ops.int8_tiles(module.weight[:40], module.scales[:40])
+        ours = cpu_ops.ops().int8_linear(x, *tiles, module.groupsize or 256, 40)
+    else:
+        tiles = cpu_ops.int4_tiles(quantize.unpack_int4(module.weight)[:40], module.scales[:40], module.zeros[:40])
+        ours = cpu_ops.ops().int4_linear(x, *tiles, module.groupsize, 40)
+    module = forced(module, torch.float32, "native", tmp_path)
+    assert ours.shape == (3, 40) and torch.equal(ours, module.run_path("native", x)[:, :40])
+
+
+@native
 def test_a_weight_of_minus_128_keeps_the_layer_off_the_native_path():
     module = Int8Linear.from_linear(torch.nn.Linear(64, 16))
     module.weight[0, 0] = -128  # a GGUF may hold one; the kernel's sign trick cannot
