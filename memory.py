@@ -18,9 +18,15 @@ def tensor_bytes(tensors) -> int:
 
 def weight_bytes(model: Transformer) -> int:
     """Bytes of weights read per decoded token: every weight (quantized buffers too), counted once, except
-    the embedding table, of which a token reads one row, unless it doubles as the output projection."""
+    the embedding table, of which a token reads one row, unless it doubles as the output projection. A layer
+    that holds its weights in two layouts (quantize.py: one for prompts, one for the decode kernel) says which
+    one a decoded token reads (`decode_tensors`); only those count."""
+    own = lambda module: [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    layouts = [m for m in model.modules() if hasattr(m, "decode_tensors")]
+    held_apart = {id(t) for m in layouts for t in own(m)}
     tensors = {id(t): t for name, t in [*model.named_parameters(), *model.named_buffers()]
-               if not any(part in name for part in CACHE_BUFFERS)}
+               if not any(part in name for part in CACHE_BUFFERS) and id(t) not in held_apart}
+    tensors.update({id(t): t for m in layouts for t in m.decode_tensors()})
     if getattr(model.output, "weight", None) is not model.tok_embeddings.weight:
         tensors.pop(id(model.tok_embeddings.weight), None)
     return tensor_bytes(tensors.values())

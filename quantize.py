@@ -168,6 +168,12 @@ class Int8Linear(nn.Module):
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
         self.free_unchosen_tiles()
 
+    def decode_tensors(self) -> list:
+        """What one decoded token reads (memory.weight_bytes): the native kernel's tiles where it takes them."""
+        native = one_token_path(self) == "native" and hasattr(self, "tiles")
+        tensors = [self.tiles, self.tile_scales] if native else [self.weight, self.scales]
+        return tensors + ([self.bias] if self.bias is not None else [])
+
     def free_unchosen_tiles(self):
         """The native kernel's copy of the weights (tiles of 16 channels) is kept only where a path chosen here
         takes it; the plain [N, K] weights stay for prompts, which keep the weight-only paths."""
@@ -263,6 +269,12 @@ class Int4Linear(nn.Module):
         if "aten" not in chosen:
             del self.packed, self.scales_and_zeros
 
+    def decode_tensors(self) -> list:
+        """What one decoded token reads (memory.weight_bytes): the layout of its one-token path."""
+        names = {"native": ("tiles", "tile_d", "tile_m"), "aten": ("packed", "scales_and_zeros")}.get(one_token_path(self), ())
+        tensors = [getattr(self, name) for name in names if hasattr(self, name)] or list(self.buffers(recurse=False))
+        return tensors + ([self.bias] if self.bias is not None else [])
+
     def path_names(self, rows) -> list:
         """The paths whose weight layouts this layer holds (prepare_for_device frees those not chosen); prompts
         keep the weight-only ATen kernel, as for int8 (so a layer that decodes natively holds both layouts)."""
@@ -309,6 +321,13 @@ def path_for(module, x: Tensor) -> str:
     if rows == 1 and torch.compiler.is_compiling() and isinstance(module, Int8Linear):
         return "reduction"
     return module.path_names(rows)[0]
+
+
+def one_token_path(module) -> str:
+    """The path a decoded token takes: the compiled choice, else the eager one for one row, else the default."""
+    if module.paths:
+        return module.paths.get("compiled", module.paths[1])
+    return "reduction" if isinstance(module, Int8Linear) else module.path_names(1)[0]
 
 
 def path_key(module, dtype=None) -> str:

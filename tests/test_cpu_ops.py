@@ -114,6 +114,22 @@ def test_native_kernels_pad_the_last_tile(layer, tmp_path):
 
 
 @native
+@pytest.mark.parametrize("layer", ["int8 per channel", "int4 g32"])
+def test_bytes_read_per_token_count_the_decode_layout_only(layer, tmp_path):
+    """A layer holding its weights twice (the prompt layout and the native tiles) reads one copy per token."""
+    import memory
+
+    model = torch.nn.Module()
+    model.tok_embeddings = torch.nn.Embedding(8, 256)  # not tied: one row read per token, not counted
+    model.output = forced(LAYERS[layer](torch.nn.Linear(256, 48, bias=False)), torch.float32, "native", tmp_path)
+    names = ["tiles", "tile_scales"] if layer.startswith("int8") else ["tiles", "tile_d", "tile_m"]
+    tiles = memory.tensor_bytes(getattr(model.output, name) for name in names)
+    held = memory.tensor_bytes(model.output.buffers())
+    assert tiles == 48 * (256 if layer.startswith("int8") else 128) + memory.tensor_bytes(getattr(model.output, n) for n in names[1:])
+    assert memory.weight_bytes(model) == tiles < held  # the prompt layout is held too, but not read per token
+
+
+@native
 def test_a_weight_of_minus_128_keeps_the_layer_off_the_native_path():
     module = Int8Linear.from_linear(torch.nn.Linear(64, 16))
     module.weight[0, 0] = -128  # a GGUF may hold one; the kernel's sign trick cannot
@@ -255,3 +271,21 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@native
+@pytest.mark.parametrize("flags", ["-march=haswell", "-march=x86-64"])
+def test_the_branches_for_older_cpus(flags):
+    """The kernels' AVX2 (maddubs) and plain C++ branches, built for an older CPU than this one
+    (GPT_FAST_NATIVE_FLAGS), compute the same llama.cpp arithmetic: run in a child process with that build."""
+    import os
+    import subprocess
+    import sys
+
+    if flags == "-march=haswell" and not {"avx2", "fma", "f16c", "bmi2"} <= set(cpu_ops.cpu_flags()):
+        pytest.skip("this CPU cannot run AVX2 code")
+    env = {**os.environ, "GPT_FAST_NATIVE_FLAGS": flags}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "llama_cpp_arithmetic or pad_the_last_tile"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
