@@ -154,7 +154,7 @@ class Int8Linear(nn.Module):
 
     def prepare_for_device(self, dtype, choices=None):
         """Set up this device's paths; with `choices` (cpu_ops.KernelChoices), time them and keep the fastest."""
-        if self.weight.device.type != "cpu":
+        if self.plain_weight().device.type != "cpu":
             self.paths = {}
             return
         if not self.groupsize:  # ATen's per-channel kernel takes its scales in the activations' dtype
@@ -162,8 +162,8 @@ class Int8Linear(nn.Module):
         # The native kernel needs weights within [-127, 127] (its sign trick without VNNI); a GGUF may hold a
         # -128. Its groups must be whole blocks of 32 activations (a Q6_K layer's groups of 16 are not).
         whole_blocks = self.in_features % cpu_ops.BLOCK == 0 and (self.groupsize or cpu_ops.BLOCK) % cpu_ops.BLOCK == 0
-        if cpu_ops.load() and whole_blocks and self.weight.min() > -128:
-            for name, tensor in zip(("tiles", "tile_scales"), cpu_ops.int8_tiles(self.weight, self.scales)):
+        if cpu_ops.load() and whole_blocks and self.plain_weight().min() > -128:
+            for name, tensor in zip(("tiles", "tile_scales"), cpu_ops.int8_tiles(self.plain_weight(), self.scales)):
                 self.register_buffer(name, tensor, persistent=False)
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
         self.free_unchosen_tiles()
@@ -171,14 +171,31 @@ class Int8Linear(nn.Module):
     def decode_tensors(self) -> list:
         """What one decoded token reads (memory.weight_bytes): the native kernel's tiles where it takes them."""
         native = one_token_path(self) == "native" and hasattr(self, "tiles")
-        tensors = [self.tiles, self.tile_scales] if native else [self.weight, self.scales]
+        tensors = [self.tiles, self.tile_scales] if native else [self.plain_weight(), self.scales]
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def free_unchosen_tiles(self):
-        """The native kernel's copy of the weights (tiles of 16 channels) is kept only where a path chosen here
-        takes it; the plain [N, K] weights stay for prompts, which keep the weight-only paths."""
-        if self.paths and "native" not in self.paths.values() and hasattr(self, "tiles"):
+        """One copy of the weights in memory: the native kernel's tiles (16 channels) are kept only where a path
+        chosen here takes them; where every decoded width takes them, the plain [N, K] weights go instead, and
+        prompts (weight-only paths) rebuild them from the tiles for the call (plain_weight)."""
+        if not self.paths or not hasattr(self, "tiles"):
+            return
+        if "native" not in self.paths.values():
             del self.tiles, self.tile_scales
+        elif all(self.paths[rows] == "native" for rows in ROW_BUCKETS[:-1]) and "weight" in self._buffers:
+            del self.weight
+
+    def __getattr__(self, name: str):
+        if name == "weight" and "weight" not in self._buffers and "tiles" in self._buffers:
+            return self.plain_weight()  # readers of .weight (shapes, Medusa's init, streaming) get the rebuilt copy
+        return super().__getattr__(name)
+
+    def plain_weight(self) -> Tensor:
+        """[N, K] int8: the loaded weights, or a copy rebuilt from the native tiles where only those are kept."""
+        if "weight" in self._buffers:
+            return self._buffers["weight"]
+        rows = self.tiles.view(-1, self.in_features // cpu_ops.BLOCK, 8, cpu_ops.TILE, 4).permute(0, 3, 1, 2, 4)
+        return rows.reshape(-1, self.in_features)[: self.out_features]
 
     def path_names(self, rows) -> list:
         """The eager paths that can compute `rows` rows here, the default first."""
@@ -195,7 +212,7 @@ class Int8Linear(nn.Module):
         if path == "reduction":
             # As elementwise products and a sum, inductor fuses the dequantization (group scales included) into
             # one loop that reads the int8 weights once; compiled one-token use only (eager it is slow).
-            weight = dequantize_int8(self.weight, self.scales) if self.groupsize else self.weight.float()
+            weight = dequantize_int8(self.plain_weight(), self.scales) if self.groupsize else self.plain_weight().float()
             y = (x[..., None, :].float() * weight).sum(-1)
             return (y if self.groupsize else y * self.scales.float()).to(x.dtype)
         if path == "native":
@@ -203,10 +220,10 @@ class Int8Linear(nn.Module):
                                              self.out_features)
         if path == "aten":
             x2 = kernel_input(x)
-            return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.kernel_scales.to(x2.dtype))
+            return torch.ops.aten._weight_int8pack_mm(x2, self.plain_weight(), self.kernel_scales.to(x2.dtype))
         if path == "dequant":
             # float32 dequantization rounded once: the product equals the float model's on the same weights.
-            return F.linear(x, dequantize_int8(self.weight, self.scales).to(x.dtype))
+            return F.linear(x, dequantize_int8(self.plain_weight(), self.scales).to(x.dtype))
         # CUDA: inductor fuses the dequantization into the matmul's prologue
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
