@@ -275,6 +275,8 @@ def add_model_arguments(parser: ArgumentParser):
                         help="prompt lookup decoding: draft up to this many tokens copied from where the last few "
                              "tokens occurred earlier in the prompt or the output (no draft model)")
     parser.add_argument("--max_matching_ngram_size", type=int, default=3, help="prompt lookup: longest n-gram matched")
+    parser.add_argument("--min_matching_ngram_size", type=int, default=2,
+                        help="prompt lookup: shortest n-gram matched (1 also drafts after a single matching token)")
     parser.add_argument("--fixed_draft_length", action="store_true",
                         help="draft --speculate_k / --prompt_lookup_num_tokens tokens every step (default: adapt the "
                              "length to what is accepted, and decode plainly while drafting does not pay)")
@@ -324,6 +326,8 @@ def model_argument_checks(args) -> list:
         (args.prompt_lookup_num_tokens is not None and args.prompt_lookup_num_tokens < 1,
          "--prompt_lookup_num_tokens must be at least 1"),
         (args.max_matching_ngram_size < 1, "--max_matching_ngram_size must be at least 1"),
+        (not 1 <= args.min_matching_ngram_size <= args.max_matching_ngram_size,
+         "--min_matching_ngram_size must be at least 1 and at most --max_matching_ngram_size"),
         (drafting_modes(args) > 1,
          "give one of --draft_checkpoint_path, --medusa_checkpoint_path and --prompt_lookup_num_tokens, not several"),
     ]
@@ -435,7 +439,8 @@ def load_drafter(args, model: Transformer, tokenizer: Tokenizer, device, shard):
         return drafting.SpeculativeDrafter(draft_model, args.speculate_k, adaptive=not args.fixed_draft_length)
     if args.prompt_lookup_num_tokens is not None:
         return drafting.PromptLookupDrafter(args.prompt_lookup_num_tokens, args.max_matching_ngram_size,
-                                            adaptive=not args.fixed_draft_length)
+                                            adaptive=not args.fixed_draft_length,
+                                            min_ngram=args.min_matching_ngram_size)
     if args.medusa_checkpoint_path is not None:
         if not args.medusa_checkpoint_path.exists():
             raise UsageError(f"Medusa heads {args.medusa_checkpoint_path} not found; train them with scripts/train_medusa.py")

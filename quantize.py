@@ -9,8 +9,9 @@
 The file on disk is device-independent (int8 values, int4 values two per byte, float32 scales and zeros);
 each module packs itself for its device's kernel when the model is loaded (`prepare_for_device`).
 model.py never sees any of this: `swap_linears` replaces nn.Linear modules before the weights are assigned.
-The tied output projection of models like SmolLM2 gets its own int8 copy in both modes (the embedding
-lookup stays in float): it is a fifth of SmolLM2's weight bytes, and llama.cpp keeps it at 8 bits too.
+The tied output projection of models like SmolLM2 gets its own int8 copy in every mode (the embedding
+lookup stays in float): it is a fifth of SmolLM2's weight bytes. `--output_projection int4` makes it int4 in
+the int4 modes, as llama.cpp's Q4_0 files have it (a third fewer bytes per token, for a little quality).
 """
 import sys
 import time
@@ -563,16 +564,23 @@ def linear_names(model: Transformer) -> list:
     return [name for name, module in model.named_modules() if type(module) is nn.Linear]
 
 
-def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None, refuse_if_none: bool = False) -> dict:
+OUTPUT_KINDS = ("int8", "int4")
+
+
+def plan(model: Transformer, mode: str, groupsize: int, int8_groupsize=None, refuse_if_none: bool = False,
+         output_kind: str = "int8") -> dict:
     """What each linear becomes: {name: "int8" | "int4" | "float"} with the reason for any that stays float.
 
     int8 layers have one scale per output channel, or per `int8_groupsize` inputs when that is given (the
-    record's "int8_groupsize"; files without that key are per channel). refuse_if_none: a UsageError when no
-    layer but the output can take the group size."""
+    record's "int8_groupsize"; files without that key are per channel). The output projection is int8, or
+    int4 with output_kind "int4" (int4 modes only). refuse_if_none: a UsageError when no layer but the
+    output can take the group size."""
+    if output_kind == "int4" and mode == "int8":
+        raise UsageError("--output_projection int4 needs an int4 --mode (int8 mode has no int4 group size)")
     layers, skipped = {}, {}
     for name in linear_names(model):
         module = model.get_submodule(name)
-        kind = "int8" if name == "output" or mode == "int8" else "int4"
+        kind = "int8" if mode == "int8" or (name == "output" and output_kind == "int8") else "int4"
         group = int8_groupsize if kind == "int8" else groupsize
         if group and module.in_features % group:
             layers[name], skipped[name] = "float", f"in_features {module.in_features} is not a multiple of group size {group}"
@@ -642,8 +650,9 @@ def prepare_for_device(model: nn.Module, dtype, choose: bool = True):
 
 def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=None, calibration_samples: int = 16,
                         calibration_length: int = 256, blocksize: int = 128, damping: float = 0.01,
-                        int8_groupsize=None) -> Path:
-    """`groupsize` is the int4 modes' (ignored by int8); `int8_groupsize` makes mode int8 grouped, not per channel."""
+                        int8_groupsize=None, output_kind: str = "int8") -> Path:
+    """`groupsize` is the int4 modes' (ignored by int8); `int8_groupsize` makes mode int8 grouped, not per channel;
+    output_kind "int4" quantizes the output projection to int4 too (the file name says `.output_int4`)."""
     start = time.perf_counter()
     ckpt = checkpoint.load(path)
     if ckpt.quantization:
@@ -654,7 +663,8 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     checkpoint.load_into(model, ckpt)
     if mode == "int8":
         groupsize = int8_groupsize  # names the file and the summary below
-    quantization = plan(model, mode, groupsize, int8_groupsize if mode == "int8" else None, refuse_if_none=True)
+    quantization = plan(model, mode, groupsize, int8_groupsize if mode == "int8" else None, refuse_if_none=True,
+                        output_kind=output_kind)
     hessians = None
     if mode == "int4-gptq":
         if calibration_file is not None and not Path(calibration_file).is_file():
@@ -670,12 +680,12 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     count = swap_linears(model, quantization, quantize_weights=True, hessians=hessians, blocksize=blocksize,
                          damping=damping)
     state_dict = model.state_dict()
-    suffix = f"{mode}.g{groupsize}" if groupsize else mode
+    suffix = (f"{mode}.g{groupsize}" if groupsize else mode) + (".output_int4" if output_kind == "int4" else "")
     output = path.with_name(f"{path.stem}_{suffix}.pth")
     checkpoint.save(output, args, state_dict, quantization)
     before, after = path.stat().st_size, output.stat().st_size
     if mode != "int8":
-        detail = f" (group size {groupsize}; output projection int8)"
+        detail = f" (group size {groupsize}; output projection {quantization['layers'].get('output', 'absent')})"
     else:
         detail = f" (group size {groupsize})" if groupsize else " (per output channel)"
     print(f"Quantized {count} linears to {mode}{detail} "
@@ -692,6 +702,9 @@ def run(argv=None):
     parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES,
                         help="int4: inputs per group (default 32); int8: one scale per group of this many inputs "
                              "instead of one per output channel (the default)")
+    parser.add_argument("--output_projection", choices=OUTPUT_KINDS, default="int8",
+                        help="int4 modes: the output projection's kind (int4 as llama.cpp's Q4_0; default int8: "
+                             "better quality, more bytes per token)")
     parser.add_argument("--calibration_file", type=Path, help="int4-gptq: text to calibrate on (default: text the model writes)")
     parser.add_argument("--calibration_samples", type=int, default=16, help="int4-gptq: number of sequences")
     parser.add_argument("--calibration_length", type=int, default=256, help="int4-gptq: tokens per sequence")
@@ -702,7 +715,7 @@ def run(argv=None):
         parser.error("need --calibration_samples >= 1, --calibration_length >= 2, --blocksize >= 1, 0 <= --damping < 1")
     quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.calibration_file,
                         args.calibration_samples, args.calibration_length, args.blocksize, args.damping,
-                        int8_groupsize=args.groupsize)
+                        int8_groupsize=args.groupsize, output_kind=args.output_projection)
 
 
 def main(argv=None):

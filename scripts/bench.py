@@ -65,6 +65,8 @@ ROWS = {
     "ours-fp32": ("ours (torch.compile)", "float32", "ours", "float32", None),
     "ours-int8": ("ours (torch.compile)", "int8 per channel", "ours", "bfloat16", "int8"),
     "ours-int4": ("ours (torch.compile)", "int4 g32 (output int8)", "ours", "bfloat16", "int4"),
+    "ours-int4-output4": ("ours (torch.compile)", "int4 g32 (output int4, as Q4_0)", "ours", "bfloat16",
+                          "int4-output_int4"),
     "ours-bf16-regional": ("ours (torch.compile, regional)", "bfloat16", "ours-regional", "bfloat16", None),
     "ours-int8-regional": ("ours (torch.compile, regional)", "int8 per channel", "ours-regional", "bfloat16", "int8"),
     "ours-int4-regional": ("ours (torch.compile, regional)", "int4 g32 (output int8)", "ours-regional", "bfloat16",
@@ -105,7 +107,8 @@ DEFAULT_ROWS = [key for key in ROWS
 LLAMACPP_REFERENCE, HF_REFERENCE = "llamacpp-f16", "hf-eager-bf16"
 # The llama.cpp row each of our rows is compared with at the same number of bits.
 SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int8": "llamacpp-q8_0",
-             "ours-int4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16", "ours-bf16-regional": "llamacpp-f16",
+             "ours-int4": "llamacpp-q4_0", "ours-int4-output4": "llamacpp-q4_0", "ours-eager-bf16": "llamacpp-f16",
+             "ours-bf16-regional": "llamacpp-f16",
              "ours-int8-regional": "llamacpp-q8_0", "ours-int4-regional": "llamacpp-q4_0",
              "ours-bf16-saved": "llamacpp-f16", "ours-int4-saved": "llamacpp-q4_0",
              "ours-bf16-kv8": "llamacpp-f16", "ours-int4-kv8": "llamacpp-q4_0"}
@@ -148,13 +151,19 @@ def machine_line(threads: int) -> str:
 # ---------------------------------------------------------------- ours
 
 
+def quantized_checkpoint(checkpoint: Path, quantization: str) -> Path:
+    """quantize.py's output for a row's quantization: its mode, "-output_int4" for an int4 output projection."""
+    mode, _, output_kind = quantization.partition("-output_")
+    return quantize.quantize_checkpoint(checkpoint, mode, 32, output_kind=output_kind or "int8")
+
+
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
                quantization=None, strategy: str = None, mode: str = "whole", kv_cache_dtype=None):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
     strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
     (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
     if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
-        checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
+        checkpoint = quantized_checkpoint(checkpoint, quantization)
     model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype], kv_cache_dtype=kv_cache_dtype)
     drafter = None
     if strategy and strategy.startswith("speculative"):
@@ -206,7 +215,7 @@ def bench_ours_parallel(checkpoint: Path, dtype: str, prompt: str, new_tokens: i
     """generate.py itself under torchrun (its warm-up compiles; each of --num_samples runs is timed and prints
     its tok/s); rank 0 also prints the communication of one decode step, which tp.py counts."""
     if quantization:
-        checkpoint = quantize.quantize_checkpoint(checkpoint, quantization, 32)
+        checkpoint = quantized_checkpoint(checkpoint, quantization)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--dtype", dtype, "--prompt", prompt,
                "--max_new_tokens", str(new_tokens), "--num_samples", str(runs), "--ignore_eos",

@@ -419,6 +419,14 @@ def test_ngram_index_finds_the_latest_earlier_occurrence():
     assert index.continuation(2) == []  # (6, 1) and (1,) never seen before
 
 
+def test_ngram_index_with_a_minimum_length_ignores_shorter_matches():
+    index = NgramIndex(max_ngram=3, min_ngram=2)
+    index.extend([5, 6, 7, 8, 5])
+    assert index.continuation(2) == []  # only (5,) matches: too short
+    index.extend([6])
+    assert index.continuation(2) == [7, 8]  # (5, 6) seen at 0
+
+
 def test_draft_length_adapts_and_pauses_when_drafting_does_not_pay():
     length = DraftLength(maximum=6, pause=3, baseline_steps=2)
     for seconds in (90.0, 0.010):  # the baseline: plain steps of 10 ms, the first one compiling (not timed)

@@ -92,6 +92,26 @@ def test_grouped_int8_from_the_command_line(tiny_models, capsys):
     assert generate(model, torch.arange(4), 4).shape == (1, 8)
 
 
+def test_int4_output_projection_from_the_command_line(tiny_models, capsys):
+    """--output_projection int4: the output is an Int4Linear like the other layers (llama.cpp's Q4_0 layout of
+    bytes), its file named apart from the int8-output one; refused in int8 mode, with nothing written."""
+    _, _, checkpoint = tiny_models["llama"]
+    main(["--checkpoint_path", str(checkpoint), "--mode", "int4", "--output_projection", "int4"])
+    assert "output projection int4" in capsys.readouterr().out
+    output = checkpoint.parent / "model_int4.g32.output_int4.pth"
+    assert checkpoint_format.load(output).quantization["layers"]["output"] == "int4"
+    float_model, quantized = load_model(checkpoint, "cpu", torch.float32), load_model(output, "cpu", torch.float32)
+    assert type(quantized.output) is Int4Linear
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    for model in (float_model, quantized):
+        model.setup_caches(1, 12)
+    with torch.no_grad():
+        assert close_to(quantized(tokens, torch.arange(12)), float_model(tokens, torch.arange(12)), 0.25)
+    code, err = run_main(["--checkpoint_path", checkpoint, "--mode", "int8", "--output_projection", "int4"], capsys)
+    assert code == 2 and "--output_projection int4 needs an int4 --mode" in err
+    assert not (checkpoint.parent / "model_int8.output_int4.pth").exists()
+
+
 def test_group_size_the_model_cannot_take(tiny_models, capsys):
     _, _, checkpoint = tiny_models["mistral"]  # hidden 64: no linear has in_features divisible by 128
     code, err = run_main(["--checkpoint_path", checkpoint, "--mode", "int4", "--groupsize", "128"], capsys)
