@@ -180,6 +180,7 @@ def choose_paths(model):
     """Each layer's one-token path under compile, measured on this machine (cached: cpu_ops.KernelChoices)."""
     choices = cpu_ops.KernelChoices()
     kernels.choose_float_paths([model], choices)
+    kernels.choose_attention_paths([model], choices)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     quantize.choose_compiled_paths([model], dtype, choices)
 

@@ -563,16 +563,234 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
   return out;
 }
 
+// ---------------------------------------------------------------- attention of a few query rows
+// One decoded token (or a verification of a few drafted ones) attends over the KV cache: per query row and
+// head, scores against every cached key the mask lets through, a softmax, and the weighted sum of the values.
+// Masked positions are skipped, not read: a causal decode at position p reads p + 1 cached rows, whatever the
+// cache's length. Accumulated in float32; the softmax's exp is vectorized (a fitted polynomial of 2^f).
+
+#if defined(__AVX512F__)
+// exp(x) for x <= 0: 2^n * 2^f, n = round(x log2(e)), |f| <= 1/2, relative error ~2e-7. Below -80 it is
+// exp(-80) (1.8e-35, a normal float): results near the denormals would each cost a microcode assist.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.f)), _mm512_set1_ps(1.44269504089f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__)
+inline __m256 exp8(__m256 x) {  // as exp16, the power of two built in the exponent bits
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.f)), _mm256_set1_ps(1.44269504089f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.2402265069591007f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931471805599453f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+#endif
+
+// One float32 vector of the widest kind the CPU has, for the attention loops below.
+#if defined(__AVX512F__)
+using Floats = __m512;
+constexpr int64_t LANES = 16;
+inline Floats floats_zero() { return _mm512_setzero_ps(); }
+inline Floats floats_set(float x) { return _mm512_set1_ps(x); }
+inline Floats floats_load(const float* p) { return _mm512_loadu_ps(p); }
+template <typename T>
+inline Floats floats_widen(const T* p) { return load_float16(p); }
+inline Floats floats_fma(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+inline void floats_store(float* p, Floats v) { _mm512_storeu_ps(p, v); }
+inline float floats_sum(Floats v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+using Floats = __m256;
+constexpr int64_t LANES = 8;
+inline Floats floats_zero() { return _mm256_setzero_ps(); }
+inline Floats floats_set(float x) { return _mm256_set1_ps(x); }
+inline Floats floats_load(const float* p) { return _mm256_loadu_ps(p); }
+template <typename T>
+inline Floats floats_widen(const T* p) { return load_float8(p); }
+inline Floats floats_fma(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+inline void floats_store(float* p, Floats v) { _mm256_storeu_ps(p, v); }
+inline float floats_sum(Floats v) { return horizontal_sum(v); }
+#endif
+
+// sum over d of q[d] * row[d], q in float32, row in the cache's dtype
+template <typename KV>
+inline float dot_row(const float* q, const KV* row, int64_t D) {
+  int64_t d = 0;
+  float total = 0.f;
+#if defined(__AVX2__)
+  Floats acc = floats_zero();
+  for (; d + LANES <= D; d += LANES) acc = floats_fma(floats_load(q + d), floats_widen(row + d), acc);
+  total = floats_sum(acc);
+#endif
+  for (; d < D; ++d) total += q[d] * static_cast<float>(row[d]);
+  return total;
+}
+
+// out[0, D) = sum over the attended positions l of p[l] * rows[l]: VECTORS (D / LANES) accumulators held in
+// registers across positions where the head size is a known multiple of the vector (0: any D, through memory).
+template <int VECTORS, typename KV>
+void weighted_rows(float* out, const float* p, const KV* rows, const bool* mask, int64_t first, int64_t last,
+                   int64_t D) {
+#if defined(__AVX2__)
+  if constexpr (VECTORS > 0) {
+    Floats acc[VECTORS];
+    for (int j = 0; j < VECTORS; ++j) acc[j] = floats_zero();
+    for (int64_t l = first; l < last; ++l) {
+      if (!mask[l]) continue;
+      const Floats weight = floats_set(p[l]);
+      for (int j = 0; j < VECTORS; ++j) acc[j] = floats_fma(weight, floats_widen(rows + l * D + LANES * j), acc[j]);
+    }
+    for (int j = 0; j < VECTORS; ++j) floats_store(out + LANES * j, acc[j]);
+    return;
+  }
+#endif
+  std::fill(out, out + D, 0.f);
+  for (int64_t l = first; l < last; ++l) {
+    if (!mask[l]) continue;
+    int64_t d = 0;
+#if defined(__AVX2__)
+    const Floats weight = floats_set(p[l]);
+    for (; d + LANES <= D; d += LANES)
+      floats_store(out + d, floats_fma(weight, floats_widen(rows + l * D + d), floats_load(out + d)));
+#endif
+    for (; d < D; ++d) out[d] += p[l] * static_cast<float>(rows[l * D + d]);
+  }
+}
+
+// scores[l] = exp(scores[l] - top) in place; returns their sum (masked entries hold -inf and become ~0)
+inline float exp_and_sum(float* scores, int64_t L, float top) {
+  int64_t l = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 sum = _mm512_setzero_ps();
+  for (; l + 16 <= L; l += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + l), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(scores + l, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#elif defined(__AVX2__)
+  __m256 sum = _mm256_setzero_ps();
+  for (; l + 8 <= L; l += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + l), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + l, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  total = horizontal_sum(sum);
+#endif
+  for (; l < L; ++l) {
+    scores[l] = std::exp(scores[l] - top);
+    total += scores[l];
+  }
+  return total;
+}
+
+inline bool zero_bytes(const bool* p) {  // 8 mask entries all false
+  uint64_t bits;
+  std::memcpy(&bits, p, 8);
+  return bits == 0;
+}
+
+template <typename T>
+void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
+  const int64_t group = H / KVH;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const bool* mp = mask.data_ptr<bool>();
+  const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), mr = mask.size(2) == 1 ? 0 : mask.stride(2);
+  auto weighted = weighted_rows<0, T>;  // the common head sizes with their accumulators in registers
+#if defined(__AVX2__)
+  if (D == 2 * LANES) weighted = weighted_rows<2, T>;
+  if (D == 4 * LANES) weighted = weighted_rows<4, T>;
+  if (D == 8 * LANES) weighted = weighted_rows<8, T>;
+#endif
+  at::parallel_for(0, B * H * R, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores, query, acc;
+    scores.resize(L);
+    query.resize(D);
+    acc.resize(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (H * R), h = i / R % H, r = i % R;
+      const T* qi = qp + i * D;  // q [B, H, R, D] contiguous: row i
+      const T* ki = kp + (b * KVH + h / group) * L * D;
+      const T* vi = vp + (b * KVH + h / group) * L * D;
+      const bool* mi = mp + b * mb + r * mr;
+      for (int64_t d = 0; d < D; ++d) query[d] = static_cast<float>(qi[d]) * scale;
+      // [first, last): the positions from the first to the last one attended to (a causal decode's prefix, a
+      // sliding window), found 8 mask bytes at a time; holes inside (a Medusa tree's) are skipped one by one.
+      int64_t first = 0, last = L;
+      while (first + 8 <= last && zero_bytes(mi + first)) first += 8;
+      while (first < last && !mi[first]) ++first;
+      while (last - 8 >= first && zero_bytes(mi + last - 8)) last -= 8;
+      while (last > first && !mi[last - 1]) --last;
+      float top = -INFINITY;
+      for (int64_t l = first; l < last; ++l) {
+        scores[l] = mi[l] ? dot_row(query.data(), ki + l * D, D) : -INFINITY;
+        top = std::max(top, scores[l]);
+      }
+      const float inverse = last > first ? 1.f / exp_and_sum(scores.data() + first, last - first, top) : 0.f;
+      weighted(acc.data(), scores.data(), vi, mi, first, last, D);  // a row that attends to nothing: zeros
+      for (int64_t d = 0; d < D; ++d) op[i * D + d] = static_cast<T>(acc[d] * inverse);
+    }
+  });
+}
+
+// softmax(q k^T / sqrt(D) where mask) v for q [B, H, R, D], k and v [B, KVH, L, D] (H a multiple of KVH: each
+// KV head serves H / KVH query heads), mask bool [1 or B, 1, 1 or R, L]; out [B, H, R, D] in q's dtype.
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& mask_in) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.sizes() == k_in.sizes(), "q [B, H, R, D], k and v [B, KVH, L, D]");
+  TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(3) == q_in.size(3) && q_in.size(1) % k_in.size(1) == 0,
+              "k and v must match q's batch and head size, and their heads divide q's");
+  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && v_in.scalar_type() == k_in.scalar_type(),
+              "q, k and v must have one dtype");
+  TORCH_CHECK(mask_in.dim() == 4 && mask_in.size(3) == k_in.size(2) && mask_in.size(1) == 1
+              && (mask_in.size(0) == 1 || mask_in.size(0) == q_in.size(0))
+              && (mask_in.size(2) == 1 || mask_in.size(2) == q_in.size(2)), "mask must be [1 or B, 1, 1 or R, L]");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor mask = mask_in.scalar_type() == at::kBool ? mask_in : mask_in.to(at::kBool);
+  if (mask.stride(3) != 1) mask = mask.contiguous();
+  at::Tensor out = at::empty_like(q);
+  switch (q.scalar_type()) {
+    case at::kFloat: attention_typed<float>(q, k, v, mask, out); break;
+    case at::kBFloat16: attention_typed<c10::BFloat16>(q, k, v, mask, out); break;
+    case at::kHalf: attention_typed<c10::Half>(q, k, v, mask, out); break;
+    default: TORCH_CHECK(false, "q, k and v must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor tiles, Tensor scales, int groupsize, int out_features) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("float_linear", &float_linear);
+  m.impl("attention", &attention);
 }

@@ -72,6 +72,7 @@ if hasattr(torch.library, "register_fake"):
             lambda x, tiles, d, m, groupsize, out_features: x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::float_linear")(
             lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
+        torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask: q.new_empty(q.shape))  # contiguous
 else:  # torch < 2.4
     def _register_fakes():
         pass

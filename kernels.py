@@ -46,16 +46,31 @@ class DecodeLinear(torch.nn.Linear):
 
 
 class DecodeAttention(Attention):
-    """Attention whose one-query-token case is written as reductions, for torch.compile on CPU.
+    """Attention with paths for one decoded token and a few verified ones, for torch.compile on CPU.
 
-    One query row attends over a small cache; as elementwise products and sums, inductor fuses it into its
-    own loops instead of calling the flash-attention kernel (about 85 us per layer call here). Query heads
-    are grouped over their KV head, so the cache is read as it is. Measured (scripts/bench.py conditions):
-    int4 86 -> 109 tok/s; bfloat16 and int8 unchanged within noise.
+    "native": cpu_ops.cpp's kernel, which per query row and head skips the cache positions the mask hides (a
+    causal decode at position p reads p + 1 cached rows, not the whole cache) and runs the softmax in vector
+    registers. "reduction" (one row): the product and sums written as elementwise ops that inductor fuses into
+    its own loops (query heads grouped over their KV head, so the cache is read as it is). "sdpa": ATen's
+    scaled_dot_product_attention. Which each number of rows takes is measured on the running machine
+    (choose_attention_paths); unmeasured, one row takes the reduction and more rows SDPA. Eager mode is SDPA.
+    Measured (Zen 4, 2 cores, SmolLM2's 9 heads over 3 KV heads): with all of a 512-slot cache attended to,
+    native 20 us, the reduction 79 us, SDPA 377 us; in the int4 step (20 positions of a 512-slot cache) native
+    11-16 us a layer where the reduction took 77 us, 10.2 instead of 11.3-11.9 ms a token.
     """
 
+    paths: dict = {}
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        if q.shape[2] != 1 or not torch.compiler.is_compiling():
+        rows = q.shape[2]
+        if rows > DecodeLinear.MAX_ROWS or not torch.compiler.is_compiling():
+            return super().attend(q, k, v, mask)
+        return self.run_path(self.paths.get(rows, "reduction" if rows == 1 else "sdpa"), q, k, v, mask)
+
+    def run_path(self, path: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        if path == "native":
+            return cpu_ops.ops().attention(q, k, v, mask)
+        if path != "reduction" or q.shape[2] != 1:
             return super().attend(q, k, v, mask)
         batch, heads, _, head_dim = q.shape
         kv_heads = k.shape[1]
@@ -65,6 +80,36 @@ class DecodeAttention(Attention):
         probs = torch.softmax(scores, dim=-1)
         out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # [batch, kv_heads, group, head_dim]
         return out.view(batch, heads, 1, head_dim).to(k.dtype)
+
+
+ATTENTION_TIMING_CACHE = 512  # cache slots an attention path is timed with, all of them attended to
+
+
+@torch.no_grad()
+def choose_attention_paths(models: list, choices: cpu_ops.KernelChoices):
+    """Per attention shape (heads, KV heads, head size, dtype) and number of query rows (1 to 8), the fastest
+    path on this machine (cached in `choices`): the reduction timed compiled (one row), SDPA and the native
+    kernel eager (in the graph they are the same external calls). Timed with every slot of a 512-slot cache
+    attended to, the native kernel's worst case (it skips the slots a causal mask hides)."""
+    native = cpu_ops.load()
+    layers = [(m, next(p.dtype for p in model.parameters() if p.is_floating_point()))  # the KV cache's dtype
+              for model in models for m in model.modules() if type(m) is DecodeAttention]
+    for module, dtype in layers:
+        module.paths = {}
+        for rows in range(1, DecodeLinear.MAX_ROWS + 1):
+            q = torch.randn(1, module.n_head, rows, module.head_dim, dtype=dtype)
+            k, v = (torch.randn(1, module.n_local_heads, ATTENTION_TIMING_CACHE, module.head_dim, dtype=dtype)
+                    for _ in range(2))
+            mask = torch.ones(1, 1, rows, ATTENTION_TIMING_CACHE, dtype=torch.bool)
+            timers = {name: (lambda name=name: cpu_ops.time_call(lambda: module.run_path(name, q, k, v, mask)))
+                      for name in ["sdpa"] + (["native"] if native else [])}
+            if rows == 1:
+                timers["reduction"] = lambda: cpu_ops.time_compiled(
+                    lambda q, k, v, mask: module.run_path("reduction", q, k, v, mask), q, k, v, mask)
+            key = (f"attention {module.n_head}x{module.n_local_heads}x{module.head_dim} "
+                   f"{str(dtype).removeprefix('torch.')} rows {rows} cache {ATTENTION_TIMING_CACHE}")
+            module.paths[rows] = choices.choose(key, timers)
+    choices.save()
 
 
 @torch.no_grad()
@@ -103,6 +148,10 @@ def float_paths_summary(models: list) -> list:
         buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))  # the last: every longer input
         paths = {**module.paths, buckets[-1]: "linear"}
         lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(paths, buckets)}")
+    for module in (m for model in models for m in model.modules() if type(m) is DecodeAttention):
+        key = f"attention {module.n_head}x{module.n_local_heads}x{module.head_dim}"
+        buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))
+        lines.setdefault(key, f"{key}: {cpu_ops.describe_paths({**module.paths, buckets[-1]: 'sdpa'}, buckets)}")
     return list(lines.values())
 
 
@@ -132,7 +181,9 @@ def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "w
     # Freezing stays off: it would fold the weights' float() into float32 copies and double the bytes read.
     inductor_config.cpp_wrapper = mode == "whole"
     if choose:
-        choose_float_paths(models, cpu_ops.KernelChoices())
+        choices = cpu_ops.KernelChoices()
+        choose_float_paths(models, choices)
+        choose_attention_paths(models, choices)
 
 
 def swap_decode_modules(models: list, mode: str):

@@ -249,6 +249,78 @@ def test_float_linears_take_their_measured_paths(tmp_path):
         assert (linear16.run_path("native", x).float() - reference.float()).abs().max() <= 0.02
 
 
+ATTENTION_SHAPES = [  # (batch, heads, kv heads, query rows, head size, cache slots, mask batch)
+    (1, 9, 3, 1, 64, 512, 1),  # SmolLM2's decode
+    (1, 4, 4, 8, 128, 70, 1),  # a verification of 7 drafts, no grouping
+    (2, 8, 2, 3, 80, 100, 2),  # a head size the vector loops leave a remainder of, a mask per sequence
+    (1, 2, 1, 2, 32, 9, 1),
+]
+
+
+def attention_mask(batch, rows, slots):
+    """A causal prefix for the first row, a window for the next, random holes (a Medusa tree's) for the rest."""
+    mask = torch.rand(batch, 1, rows, slots) > 0.4
+    mask[:, :, 0] = False
+    mask[:, :, 0, : slots // 3 + 1] = True
+    if rows > 1:
+        mask[:, :, 1] = False
+        mask[:, :, 1, slots // 4: slots // 2 + 1] = True
+    return mask
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_native_attention_matches_sdpa(shape, dtype):
+    batch, heads, kv_heads, rows, head_dim, slots, mask_batch = shape
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, rows, head_dim).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, slots, head_dim).to(dtype) for _ in range(2))
+    mask = attention_mask(mask_batch, rows, slots)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                                 enable_gqa=True)
+    out = cpu_ops.ops().attention(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # one rounding of the output to 16 bits
+    assert (out.float() - reference).abs().max() <= tolerance
+    # strided query rows (as the model's transpose gives them) and a mask broadcast over rows
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(cpu_ops.ops().attention(strided, k, v, mask[:, :, :1]),
+                       cpu_ops.ops().attention(q, k, v, mask[:, :, :1].expand(-1, -1, rows, -1).contiguous()))
+
+
+@native
+def test_native_attention_of_a_row_that_sees_nothing_is_zero():
+    q, k = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 5, 16)
+    mask = torch.zeros(1, 1, 2, 5, dtype=torch.bool)
+    mask[0, 0, 1, 2] = True
+    out = cpu_ops.ops().attention(q, k, k, mask)
+    assert torch.equal(out[:, :, 0], torch.zeros(1, 2, 16)) and torch.allclose(out[:, :, 1], k[:, :, 2])
+
+
+def test_attention_takes_its_measured_paths(tmp_path):
+    from model import Attention, ModelArgs
+
+    args = ModelArgs(dim=64, n_head=4, n_local_heads=2, n_layer=1, vocab_size=8, intermediate_size=8)
+    attention = Attention(args, 0)
+    attention.__class__ = kernels.DecodeAttention
+    choices = cpu_ops.KernelChoices(tmp_path / "choices.json")
+    names = ["sdpa", "native"] if cpu_ops.load() else ["sdpa"]
+    wanted = {rows: names[rows % len(names)] for rows in range(1, 9)}
+    wanted[1] = "reduction"
+    choices.choices.update({f"attention 4x2x16 float32 rows {rows} cache {kernels.ATTENTION_TIMING_CACHE}":
+                            {"path": name, "us": {}} for rows, name in wanted.items()})
+    kernels.choose_attention_paths([torch.nn.Sequential(attention)], choices)
+    assert attention.paths == wanted
+    torch.manual_seed(0)
+    for rows in (1, 3):
+        q, k, v = torch.randn(1, 4, rows, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+        mask = attention_mask(1, rows, 30)
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        for path in names + ["reduction"] * (rows == 1):
+            assert torch.allclose(attention.run_path(path, q, k, v, mask), reference, atol=1e-5), (path, rows)
+
+
 @native
 def test_a_cached_native_choice_compiles_in_a_fresh_process(tmp_path):
     """With the choice read from the file, the first call of a native kernel can come inside torch.compile's
@@ -277,7 +349,8 @@ print("ok")
 @pytest.mark.parametrize("flags", ["-march=haswell", "-march=x86-64"])
 def test_the_branches_for_older_cpus(flags):
     """The kernels' AVX2 (maddubs) and plain C++ branches, built for an older CPU than this one
-    (GPT_FAST_NATIVE_FLAGS), compute the same llama.cpp arithmetic: run in a child process with that build."""
+    (GPT_FAST_NATIVE_FLAGS), compute the same llama.cpp arithmetic and the same attention: run in a child
+    process with that build."""
     import os
     import subprocess
     import sys
@@ -286,6 +359,6 @@ def test_the_branches_for_older_cpus(flags):
         pytest.skip("this CPU cannot run AVX2 code")
     env = {**os.environ, "GPT_FAST_NATIVE_FLAGS": flags}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "llama_cpp_arithmetic or pad_the_last_tile"],
+                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
