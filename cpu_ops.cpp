@@ -349,18 +349,54 @@ void int8_tile_rows(const int8_t* w, const float* w_scale, int64_t K, int shift,
   }
 }
 
-// Runs `launch` over row chunks of at most MAX_ROWS and output units (channels, or tiles of `unit` channels)
-// split between threads; each thread reads its weights once per chunk, and a chunk's quantized activations stay
-// in L1. The activations are quantized once, before the threads start, into buffers kept between calls (no
-// allocation per call).
-template <typename Launch>
-at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Launch& launch) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be [rows, K]");
-  const at::Tensor x = x_in.contiguous();
+#if defined(__AVX512F__)
+// exp(x), x clamped to [-80, 80]: 2^n * 2^f, n = round(x log2(e)), |f| <= 1/2, relative error ~2e-7. Below -80 it
+// is exp(-80) (1.8e-35, a normal float): results near the denormals would each cost a microcode assist.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.f)), _mm512_set1_ps(80.f)), _mm512_set1_ps(1.44269504089f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__)
+inline __m256 exp8(__m256 x) {  // as exp16, the power of two built in the exponent bits
+  const __m256 t = _mm256_mul_ps(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.f)), _mm256_set1_ps(80.f)), _mm256_set1_ps(1.44269504089f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.2402265069591007f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931471805599453f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+#endif
+
+// A call's activation rows quantized once, before the threads start, into buffers kept between calls (no
+// allocation per call). Raw pointers, so that the worker threads read the calling thread's buffers.
+struct QuantizedRows {
+  int64_t rows, K, blocks;
+  const int8_t* q;
+  const float* scale;
+  const float* scaled_sum;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be [rows, K]");
   const int64_t rows = x.size(0), K = x.size(1), blocks = K / BLOCK;
   TORCH_CHECK(K % BLOCK == 0, "K must be a multiple of 32");
   thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> x_scale, x_scaled_sum, out_float;
+  thread_local std::vector<float> x_scale, x_scaled_sum;
   xq.resize(rows * K);
   x_scale.resize(rows * blocks);
   x_scaled_sum.resize(rows * blocks);
@@ -370,18 +406,30 @@ at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Lau
     case at::kHalf: quantize_activations(x.data_ptr<c10::Half>(), rows, K, xq.data(), x_scale.data(), x_scaled_sum.data()); break;
     default: TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
   }
+  return {rows, K, blocks, xq.data(), x_scale.data(), x_scaled_sum.data()};
+}
+
+// A task of at least ~64K multiply-adds: smaller products run on one thread, where waking the others costs more.
+inline int64_t grain_of(int64_t K, int64_t rows, int64_t unit) {
+  return (std::max<int64_t>(8, (1 << 16) / (K * rows)) + unit - 1) / unit;
+}
+
+// Runs `launch` over row chunks of at most MAX_ROWS and output units (channels, or tiles of `unit` channels)
+// split between threads; each thread reads its weights once per chunk, and a chunk's quantized activations stay
+// in L1.
+template <typename Launch>
+at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Launch& launch) {
+  const at::Tensor x = x_in.contiguous();
+  const QuantizedRows a = quantize_rows(x);
+  const int64_t rows = a.rows, K = a.K, blocks = a.blocks;
+  thread_local std::vector<float> out_float;
   at::Tensor out = at::empty({rows, N}, x.options());
   const bool float_out = x.scalar_type() == at::kFloat;
   if (!float_out) out_float.resize(rows * N);
   float* result = float_out ? out.data_ptr<float>() : out_float.data();
-  // A task of at least ~64K multiply-adds: smaller products run on one thread, where waking the others costs more.
-  const int64_t grain = std::max<int64_t>(8, (1 << 16) / (K * rows));
-  const int8_t* q = xq.data();
-  const float* scale = x_scale.data();
-  const float* scaled_sum = x_scaled_sum.data();
-  at::parallel_for(0, (N + unit - 1) / unit, (grain + unit - 1) / unit, [&](int64_t n_begin, int64_t n_end) {
+  at::parallel_for(0, (N + unit - 1) / unit, grain_of(K, rows, unit), [&](int64_t n_begin, int64_t n_end) {
     for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-      launch(std::min(MAX_ROWS, rows - r0), q + r0 * K, scale + r0 * blocks, scaled_sum + r0 * blocks,
+      launch(std::min(MAX_ROWS, rows - r0), a.q + r0 * K, a.scale + r0 * blocks, a.scaled_sum + r0 * blocks,
              result + r0 * N, n_begin, n_end);
     }
   });
@@ -397,6 +445,57 @@ at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Lau
   return out;
 }
 
+// silu(x W1^T) * (x W3^T), a gated feed-forward's first half, in one call: `launch(chunk, ..., gate, up, t_begin,
+// t_end)` computes tiles [t_begin, t_end) of both products, and the same thread multiplies them while they are
+// in its cache (rounded once, to x's dtype). One call and one pass over the threads where there were three.
+template <typename Out>
+inline void silu_times(float* gate, const float* up, Out* out, int64_t count) {
+  int64_t i = 0;  // silu(g) u = g u / (1 + exp(-g)), in gate's buffer, then rounded once into out
+#if defined(__AVX512F__)
+  for (; i + 16 <= count; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_storeu_ps(gate + i, _mm512_div_ps(_mm512_mul_ps(g, _mm512_loadu_ps(up + i)), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+  }
+#elif defined(__AVX2__)
+  for (; i + 8 <= count; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(gate + i, _mm256_div_ps(_mm256_mul_ps(g, _mm256_loadu_ps(up + i)), _mm256_add_ps(e, _mm256_set1_ps(1.f))));
+  }
+#endif
+  for (; i < count; ++i) gate[i] = gate[i] * up[i] / (1.f + std::exp(-gate[i]));
+  for (i = 0; i < count; ++i) out[i] = static_cast<Out>(gate[i]);
+}
+
+template <typename Launch>
+at::Tensor run_gated_chunks(const at::Tensor& x_in, int64_t N, const Launch& launch) {
+  const at::Tensor x = x_in.contiguous();
+  const QuantizedRows a = quantize_rows(x);
+  const int64_t rows = a.rows, K = a.K, blocks = a.blocks;
+  thread_local std::vector<float> gate_buffer, up_buffer;
+  gate_buffer.resize(rows * N);
+  up_buffer.resize(rows * N);
+  float* gate = gate_buffer.data();
+  float* up = up_buffer.data();
+  at::Tensor out = at::empty({rows, N}, x.options());
+  at::parallel_for(0, (N + TILE - 1) / TILE, grain_of(K, 2 * rows, TILE), [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS)
+      launch(std::min(MAX_ROWS, rows - r0), a.q + r0 * K, a.scale + r0 * blocks, a.scaled_sum + r0 * blocks,
+             gate + r0 * N, up + r0 * N, t_begin, t_end);
+    const int64_t c0 = t_begin * TILE, count = std::min(N, t_end * TILE) - c0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = r * N + c0;
+      switch (x.scalar_type()) {
+        case at::kFloat: silu_times(gate + at, up + at, out.data_ptr<float>() + at, count); break;
+        case at::kBFloat16: silu_times(gate + at, up + at, out.data_ptr<c10::BFloat16>() + at, count); break;
+        default: silu_times(gate + at, up + at, out.data_ptr<c10::Half>() + at, count); break;
+      }
+    }
+  });
+  return out;
+}
+
 #define DISPATCH_ROWS(chunk, KERNEL, ...)              \
   switch (chunk) {                                     \
     case 1: KERNEL<1>(__VA_ARGS__); break;             \
@@ -409,13 +508,28 @@ at::Tensor run_chunks(const at::Tensor& x_in, int64_t N, int64_t unit, const Lau
     default: KERNEL<8>(__VA_ARGS__); break;            \
   }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales, int64_t groupsize,
-                       int64_t N) {
-  const int64_t K = x.size(-1), tile_count = (N + TILE - 1) / TILE;
+void check_int8_layer(const at::Tensor& tiles, const at::Tensor& scales, int64_t K, int64_t groupsize, int64_t N) {
+  const int64_t tile_count = (N + TILE - 1) / TILE;
   TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K,
               "tiles must be contiguous int8 from cpu_ops.int8_tiles");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous()
               && scales.numel() == tile_count * TILE * (K / groupsize), "scales must be contiguous float32 [tiles, K/groupsize, 16]");
+}
+
+void check_int4_layer(const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& m, int64_t K, int64_t groupsize,
+                      int64_t N) {
+  const int64_t tile_count = (N + TILE - 1) / TILE;
+  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K / 2,
+              "tiles must be contiguous uint8 from cpu_ops.int4_tiles");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous()
+              && d.numel() == tile_count * TILE * (K / groupsize) && m.numel() == d.numel(),
+              "d and m must be contiguous float16 [tiles, K/groupsize, 16]");
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales, int64_t groupsize,
+                       int64_t N) {
+  const int64_t K = x.size(-1);
+  check_int8_layer(tiles, scales, K, groupsize, N);
   const int shift = group_shift(K, groupsize);
   const int8_t* w = tiles.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
@@ -427,12 +541,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::T
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& m,
                        int64_t groupsize, int64_t N) {
-  const int64_t K = x.size(-1), tile_count = (N + TILE - 1) / TILE;
-  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K / 2,
-              "tiles must be contiguous uint8 from cpu_ops.int4_tiles");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous()
-              && d.numel() == tile_count * TILE * (K / groupsize) && m.numel() == d.numel(),
-              "d and m must be contiguous float16 [tiles, K/groupsize, 16]");
+  const int64_t K = x.size(-1);
+  check_int4_layer(tiles, d, m, K, groupsize, N);
   const int shift = group_shift(K, groupsize);
   const uint8_t* w = tiles.data_ptr<uint8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
@@ -440,6 +550,40 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::T
   return run_chunks(x, N, TILE, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum,
                                     float* out, int64_t t_begin, int64_t t_end) {
     DISPATCH_ROWS(chunk, int4_tile_rows, w, dp, mp, K, shift, xq, x_scale, x_sum, out, N, t_begin, t_end)
+  });
+}
+
+// silu(x W1^T) * (x W3^T) for two int8 layers of one shape (a gated feed-forward's gate and up projections).
+at::Tensor int8_gated_linear(const at::Tensor& x, const at::Tensor& gate_tiles, const at::Tensor& gate_scales,
+                             const at::Tensor& up_tiles, const at::Tensor& up_scales, int64_t groupsize, int64_t N) {
+  const int64_t K = x.size(-1);
+  check_int8_layer(gate_tiles, gate_scales, K, groupsize, N);
+  check_int8_layer(up_tiles, up_scales, K, groupsize, N);
+  const int shift = group_shift(K, groupsize);
+  const int8_t *w1 = gate_tiles.data_ptr<int8_t>(), *w3 = up_tiles.data_ptr<int8_t>();
+  const float *s1 = gate_scales.data_ptr<float>(), *s3 = up_scales.data_ptr<float>();
+  return run_gated_chunks(x, N, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum,
+                                    float* gate, float* up, int64_t t_begin, int64_t t_end) {
+    DISPATCH_ROWS(chunk, int8_tile_rows, w1, s1, K, shift, xq, x_scale, x_sum, gate, N, t_begin, t_end)
+    DISPATCH_ROWS(chunk, int8_tile_rows, w3, s3, K, shift, xq, x_scale, x_sum, up, N, t_begin, t_end)
+  });
+}
+
+// The same for two int4 layers.
+at::Tensor int4_gated_linear(const at::Tensor& x, const at::Tensor& gate_tiles, const at::Tensor& gate_d,
+                             const at::Tensor& gate_m, const at::Tensor& up_tiles, const at::Tensor& up_d,
+                             const at::Tensor& up_m, int64_t groupsize, int64_t N) {
+  const int64_t K = x.size(-1);
+  check_int4_layer(gate_tiles, gate_d, gate_m, K, groupsize, N);
+  check_int4_layer(up_tiles, up_d, up_m, K, groupsize, N);
+  const int shift = group_shift(K, groupsize);
+  const uint8_t *w1 = gate_tiles.data_ptr<uint8_t>(), *w3 = up_tiles.data_ptr<uint8_t>();
+  const c10::Half *d1 = gate_d.data_ptr<c10::Half>(), *m1 = gate_m.data_ptr<c10::Half>();
+  const c10::Half *d3 = up_d.data_ptr<c10::Half>(), *m3 = up_m.data_ptr<c10::Half>();
+  return run_gated_chunks(x, N, [&](int64_t chunk, const int8_t* xq, const float* x_scale, const float* x_sum,
+                                    float* gate, float* up, int64_t t_begin, int64_t t_end) {
+    DISPATCH_ROWS(chunk, int4_tile_rows, w1, d1, m1, K, shift, xq, x_scale, x_sum, gate, N, t_begin, t_end)
+    DISPATCH_ROWS(chunk, int4_tile_rows, w3, d3, m3, K, shift, xq, x_scale, x_sum, up, N, t_begin, t_end)
   });
 }
 
@@ -568,39 +712,6 @@ at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const 
 // head, scores against every cached key the mask lets through, a softmax, and the weighted sum of the values.
 // Masked positions are skipped, not read: a causal decode at position p reads p + 1 cached rows, whatever the
 // cache's length. Accumulated in float32; the softmax's exp is vectorized (a fitted polynomial of 2^f).
-
-#if defined(__AVX512F__)
-// exp(x) for x <= 0: 2^n * 2^f, n = round(x log2(e)), |f| <= 1/2, relative error ~2e-7. Below -80 it is
-// exp(-80) (1.8e-35, a normal float): results near the denormals would each cost a microcode assist.
-inline __m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-80.f)), _mm512_set1_ps(1.44269504089f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-#elif defined(__AVX2__)
-inline __m256 exp8(__m256 x) {  // as exp16, the power of two built in the exponent bits
-  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.f)), _mm256_set1_ps(1.44269504089f));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.2402265069591007f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931471805599453f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
-}
-#endif
 
 // One float32 vector of the widest kind the CPU has, for the attention loops below.
 #if defined(__AVX512F__)
@@ -786,6 +897,10 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("int8_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_scales, Tensor up_tiles, Tensor up_scales, "
+        "int groupsize, int out_features) -> Tensor");
+  m.def("int4_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_d, Tensor gate_m, Tensor up_tiles, Tensor up_d, "
+        "Tensor up_m, int groupsize, int out_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
@@ -793,4 +908,6 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("float_linear", &float_linear);
   m.impl("attention", &attention);
+  m.impl("int8_gated_linear", &int8_gated_linear);
+  m.impl("int4_gated_linear", &int4_gated_linear);
 }

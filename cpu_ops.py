@@ -72,6 +72,12 @@ if hasattr(torch.library, "register_fake"):
             lambda x, tiles, d, m, groupsize, out_features: x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::float_linear")(
             lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
+        torch.library.register_fake("gptfast_cpu::int8_gated_linear")(
+            lambda x, gate_tiles, gate_scales, up_tiles, up_scales, groupsize, out_features:
+            x.new_empty(x.shape[0], out_features))
+        torch.library.register_fake("gptfast_cpu::int4_gated_linear")(
+            lambda x, gate_tiles, gate_d, gate_m, up_tiles, up_d, up_m, groupsize, out_features:
+            x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask: q.new_empty(q.shape))  # contiguous
 else:  # torch < 2.4
     def _register_fakes():

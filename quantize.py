@@ -28,7 +28,7 @@ import cli
 import cpu_ops
 from checkpoint import CheckpointError
 from cli import ArgumentParser, UsageError
-from model import Transformer, quantize_kv
+from model import FeedForward, Transformer, quantize_kv
 from tokenizer import load_tokenizer
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -200,7 +200,9 @@ class Int8Linear(nn.Module):
 
     def path_names(self, rows) -> list:
         """The eager paths that can compute `rows` rows here, the default first."""
-        names = ["dequant" if self.groupsize else "aten"]
+        # ATen's int8 kernel takes per-channel scales only, and its inputs in whole vectors: with an input width
+        # that is not a multiple of 16 it reads past the end (a segmentation fault in torch 2.13, AVX-512).
+        names = ["aten" if not self.groupsize and self.in_features % 16 == 0 else "dequant"]
         # Prompts keep the weight-only paths (the float model's arithmetic on the dequantized weights): rounding
         # a whole prompt's activations to int8 moved SmolLM2's int8 answer off "Paris". Decoded and verified
         # tokens (up to 8 rows) may take the native kernel, which rounds them per block of 32 as llama.cpp does.
@@ -313,6 +315,64 @@ class Int4Linear(nn.Module):
         y = self.run_path(path_for(self, x), x.reshape(-1, self.in_features)).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class GatedFeedForward(FeedForward):
+    """A feed-forward whose gate and up projections (w1, w3) are quantized layers of one kind and shape. Where
+    both take the native kernel for a number of rows, and the measurement says it pays (choose_gated_paths),
+    one native call computes silu(w1 x) * (w3 x) from both layers' tiles: one call and one pass over the
+    threads where there were three (two products, then inductor's or ATen's elementwise kernel)."""
+
+    gated_rows: frozenset = frozenset()  # the numbers of rows that take the one call
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[:-1].numel()  # (a compiled token's int8 path may be inductor's reduction instead)
+        if rows in self.gated_rows and x.device.type == "cpu" and path_for(self.w1, x) == path_for(self.w3, x) == "native":
+            return self.w2(self.gated(x.reshape(-1, self.w1.in_features)).reshape(*x.shape[:-1], self.w1.out_features))
+        return super().forward(x)
+
+    def gated(self, x: Tensor) -> Tensor:
+        w1, w3 = self.w1, self.w3
+        if isinstance(w1, Int4Linear):
+            return cpu_ops.ops().int4_gated_linear(x, w1.tiles, w1.tile_d, w1.tile_m, w3.tiles, w3.tile_d, w3.tile_m,
+                                                   w1.groupsize, w1.out_features)
+        return cpu_ops.ops().int8_gated_linear(x, w1.tiles, w1.tile_scales, w3.tiles, w3.tile_scales,
+                                               w1.groupsize or w1.in_features, w1.out_features)
+
+    def separate(self, x: Tensor) -> Tensor:
+        """The same from the two layers' own calls (what the one call is timed against)."""
+        return F.silu(self.w1.run_path("native", x)) * self.w3.run_path("native", x)
+
+
+def gated_pair(module) -> bool:
+    """A feed-forward whose w1 and w3 could share one native call: same quantized kind, shape and groups, both
+    holding native tiles, no bias, no activation rounding."""
+    if not isinstance(module, FeedForward):
+        return False
+    w1, w3 = module.w1, module.w3
+    return (type(w1) is type(w3) and isinstance(w1, (Int8Linear, Int4Linear)) and hasattr(w1, "tiles")
+            and hasattr(w3, "tiles") and (w1.in_features, w1.out_features, w1.groupsize) ==
+            (w3.in_features, w3.out_features, w3.groupsize) and w1.bias is None and w3.bias is None
+            and not w1.activation_bits and not w3.activation_bits)
+
+
+@torch.no_grad()
+def choose_gated_paths(model: nn.Module, dtype, choices):
+    """Each feed-forward whose w1 and w3 both take the native kernel for some numbers of rows becomes a
+    GatedFeedForward; for those rows, the one call is timed against the two calls and the elementwise product
+    (cached in `choices`), and kept where faster."""
+    for module in [m for m in model.modules() if gated_pair(m)]:
+        module.__class__ = GatedFeedForward
+        rows_native = [rows for rows in ROW_BUCKETS[:-1]
+                       if module.w1.paths.get(rows) == "native" and module.w3.paths.get(rows) == "native"]
+        gated = set()
+        for rows in rows_native:
+            x = torch.randn(rows, module.w1.in_features, dtype=dtype)
+            timers = {name: (lambda name=name: cpu_ops.time_call(lambda: getattr(module, name)(x)))
+                      for name in ("gated", "separate")}
+            if choices.choose(f"{path_key(module.w1, dtype)} gated rows {rows}", timers) == "gated":
+                gated.add(rows)
+        module.gated_rows = frozenset(gated)
 
 
 # ---------------------------------------------------------------- choosing a path per machine
@@ -644,6 +704,7 @@ def prepare_for_device(model: nn.Module, dtype, choose: bool = True):
     for module in tqdm(layers, desc="timing kernel paths", unit="layer", leave=False, disable=cached):
         module.prepare_for_device(dtype, choices)
     if choices is not None:
+        choose_gated_paths(model, dtype, choices)
         choices.save()
     return choices
 

@@ -249,6 +249,34 @@ def test_float_linears_take_their_measured_paths(tmp_path):
         assert (linear16.run_path("native", x).float() - reference.float()).abs().max() <= 0.02
 
 
+@native
+@pytest.mark.parametrize("layer", LAYERS)
+def test_gated_feed_forward_is_one_call_with_the_two_layers_arithmetic(layer, tmp_path):
+    """Where w1 and w3 both take the native kernel and the one call is measured faster, it computes
+    silu(w1 x) * (w3 x) as the two calls do (int8: a hidden size that pads the last tile of 16 channels)."""
+    from model import FeedForward, ModelArgs
+
+    torch.manual_seed(0)
+    hidden = 40 if layer.startswith("int8") else 48  # ATen's int4 packing (the prompts' path) wants 16 | N
+    feed_forward = FeedForward(ModelArgs(dim=256, intermediate_size=hidden, n_layer=1, n_head=1, vocab_size=8))
+    for name in ("w1", "w3"):  # (w2 stays float: its input width is no whole number of groups)
+        setattr(feed_forward, name, forced(LAYERS[layer](getattr(feed_forward, name)), torch.float32, "native", tmp_path))
+    choices = cpu_ops.KernelChoices(tmp_path / "gated.json")
+    key = quantize.path_key(feed_forward.w1, torch.float32)
+    choices.choices.update({f"{key} gated rows {rows}": {"path": "separate" if rows == 2 else "gated", "us": {}}
+                            for rows in quantize.ROW_BUCKETS[:-1]})
+    quantize.choose_gated_paths(feed_forward, torch.float32, choices)
+    assert type(feed_forward) is quantize.GatedFeedForward
+    assert feed_forward.gated_rows == {1, 3, 4, 5, 6, 7, 8}
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 256)
+        separate = feed_forward.w2(feed_forward.separate(x))
+        assert relative_error(feed_forward(x[None])[0], separate) < 1e-5, rows
+        assert relative_error(feed_forward.gated(x), feed_forward.separate(x)) < 1e-5, rows
+    x = torch.randn(1, 4, 256, dtype=torch.bfloat16)  # 16-bit activations: rounded once, at the end
+    assert relative_error(feed_forward.gated(x[0]), feed_forward.separate(x[0].float())) < 1e-2
+
+
 ATTENTION_SHAPES = [  # (batch, heads, kv heads, query rows, head size, cache slots, mask batch)
     (1, 9, 3, 1, 64, 512, 1),  # SmolLM2's decode
     (1, 4, 4, 8, 128, 70, 1),  # a verification of 7 drafts, no grouping
@@ -359,6 +387,6 @@ def test_the_branches_for_older_cpus(flags):
         pytest.skip("this CPU cannot run AVX2 code")
     env = {**os.environ, "GPT_FAST_NATIVE_FLAGS": flags}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention"],
+                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention or gated_feed_forward"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
