@@ -422,6 +422,10 @@ def kernel_paths_summary(models: list) -> list:
     for module in (m for model in models for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))):
         key = path_key(module)
         lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(module.paths, ROW_BUCKETS)}")
+    for module in (m for model in models for m in model.modules() if isinstance(m, GatedFeedForward)):
+        key = f"{path_key(module.w1)} gate and up"
+        rows = {r: "one call" if r in module.gated_rows else "two calls" for r in ROW_BUCKETS[:-1]}
+        lines.setdefault(key, f"{key}: {cpu_ops.describe_paths({**rows, ROW_BUCKETS[-1]: 'two calls'}, ROW_BUCKETS)}")
     return list(lines.values())
 
 

@@ -268,6 +268,8 @@ def test_gated_feed_forward_is_one_call_with_the_two_layers_arithmetic(layer, tm
     quantize.choose_gated_paths(feed_forward, torch.float32, choices)
     assert type(feed_forward) is quantize.GatedFeedForward
     assert feed_forward.gated_rows == {1, 3, 4, 5, 6, 7, 8}
+    assert quantize.kernel_paths_summary([feed_forward])[-1].endswith(
+        "gate and up: one call (1 row), two calls (2 rows), one call (3-8 rows), two calls (longer inputs)")
     for rows in (1, 3, 8):
         x = torch.randn(rows, 256)
         separate = feed_forward.w2(feed_forward.separate(x))
