@@ -671,6 +671,60 @@ void float_linear_typed(const float* x, const W* w, float* out, int64_t rows, in
   });
 }
 
+// silu(x W1^T) * (x W3^T) for two float weights of one shape and dtype: both products of a thread's channels,
+// then their SiLU product while they are in its cache (as run_gated_chunks does for the integer kernels).
+template <typename W, typename Out>
+void float_gated_typed(const float* x, const W* w1, const W* w3, float* gate, float* up, Out* out, int64_t rows,
+                       int64_t K, int64_t N) {
+  at::parallel_for(0, N, std::max<int64_t>(8, (1 << 16) / (2 * K * rows)), [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+      const int64_t chunk = std::min(MAX_ROWS, rows - r0);
+      DISPATCH_ROWS(chunk, float_rows, w1, K, x + r0 * K, gate + r0 * N, N, n_begin, n_end)
+      DISPATCH_ROWS(chunk, float_rows, w3, K, x + r0 * K, up + r0 * N, N, n_begin, n_end)
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      silu_times(gate + r * N + n_begin, up + r * N + n_begin, out + r * N + n_begin, n_end - n_begin);
+  });
+}
+
+template <typename W>
+void float_gated_weights(const at::Tensor& x, const float* xf, const W* w1, const W* w3, float* gate, float* up,
+                         at::Tensor& out, int64_t rows, int64_t K, int64_t N) {
+  switch (x.scalar_type()) {
+    case at::kFloat: float_gated_typed(xf, w1, w3, gate, up, out.data_ptr<float>(), rows, K, N); break;
+    case at::kBFloat16: float_gated_typed(xf, w1, w3, gate, up, out.data_ptr<c10::BFloat16>(), rows, K, N); break;
+    default: float_gated_typed(xf, w1, w3, gate, up, out.data_ptr<c10::Half>(), rows, K, N); break;
+  }
+}
+
+at::Tensor float_gated_linear(const at::Tensor& x_in, const at::Tensor& gate_weight, const at::Tensor& up_weight) {
+  TORCH_CHECK(x_in.dim() == 2 && gate_weight.dim() == 2 && gate_weight.sizes() == up_weight.sizes()
+              && x_in.size(1) == gate_weight.size(1), "x [rows, K], gate and up weights [N, K]");
+  TORCH_CHECK(gate_weight.is_contiguous() && up_weight.is_contiguous()
+              && gate_weight.scalar_type() == up_weight.scalar_type(), "weights must be contiguous, of one dtype");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), K = x.size(1), N = gate_weight.size(0);
+  thread_local std::vector<float> x_float, gate_buffer, up_buffer;
+  x_float.resize(rows * K);
+  gate_buffer.resize(rows * N);
+  up_buffer.resize(rows * N);
+  switch (x.scalar_type()) {
+    case at::kFloat: std::memcpy(x_float.data(), x.data_ptr<float>(), rows * K * sizeof(float)); break;
+    case at::kBFloat16: to_float(x.data_ptr<c10::BFloat16>(), x_float.data(), rows * K); break;
+    case at::kHalf: to_float(x.data_ptr<c10::Half>(), x_float.data(), rows * K); break;
+    default: TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+  at::Tensor out = at::empty({rows, N}, x.options());
+  float *xf = x_float.data(), *gate = gate_buffer.data(), *up = up_buffer.data();
+  switch (gate_weight.scalar_type()) {
+    case at::kFloat: float_gated_weights(x, xf, gate_weight.data_ptr<float>(), up_weight.data_ptr<float>(), gate, up, out, rows, K, N); break;
+    case at::kBFloat16: float_gated_weights(x, xf, gate_weight.data_ptr<c10::BFloat16>(), up_weight.data_ptr<c10::BFloat16>(), gate, up, out, rows, K, N); break;
+    case at::kHalf: float_gated_weights(x, xf, gate_weight.data_ptr<c10::Half>(), up_weight.data_ptr<c10::Half>(), gate, up, out, rows, K, N); break;
+    default: TORCH_CHECK(false, "weights must be float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 // y [rows, N] = x [rows, K] @ weight [N, K]^T (+ bias), accumulated in float32, in x's dtype.
 at::Tensor float_linear(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x_in.dim() == 2 && weight.dim() == 2 && x_in.size(1) == weight.size(1), "x [rows, K], weight [N, K]");
@@ -897,6 +951,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("float_gated_linear(Tensor x, Tensor gate_weight, Tensor up_weight) -> Tensor");
   m.def("int8_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_scales, Tensor up_tiles, Tensor up_scales, "
         "int groupsize, int out_features) -> Tensor");
   m.def("int4_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_d, Tensor gate_m, Tensor up_tiles, Tensor up_d, "
@@ -908,6 +963,7 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("float_linear", &float_linear);
   m.impl("attention", &attention);
+  m.impl("float_gated_linear", &float_gated_linear);
   m.impl("int8_gated_linear", &int8_gated_linear);
   m.impl("int4_gated_linear", &int4_gated_linear);
 }

@@ -78,6 +78,8 @@ if hasattr(torch.library, "register_fake"):
         torch.library.register_fake("gptfast_cpu::int4_gated_linear")(
             lambda x, gate_tiles, gate_d, gate_m, up_tiles, up_d, up_m, groupsize, out_features:
             x.new_empty(x.shape[0], out_features))
+        torch.library.register_fake("gptfast_cpu::float_gated_linear")(
+            lambda x, gate_weight, up_weight: x.new_empty(x.shape[0], gate_weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask: q.new_empty(q.shape))  # contiguous
 else:  # torch < 2.4
     def _register_fakes():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 import cpu_ops
-from model import Attention, TransformerBlock
+from model import Attention, FeedForward, TransformerBlock
 
 
 class DecodeLinear(torch.nn.Linear):
@@ -82,6 +82,26 @@ class DecodeAttention(Attention):
         return out.view(batch, heads, 1, head_dim).to(k.dtype)
 
 
+class DecodeFeedForward(FeedForward):
+    """A feed-forward of float DecodeLinears: where w1 and w3 both take the native kernel for a number of rows
+    under compile, and the measurement says it pays (choose_float_paths), one native call computes
+    silu(w1 x) * (w3 x), as quantize.GatedFeedForward does for quantized layers."""
+
+    gated_rows: frozenset = frozenset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[:-1].numel()
+        if rows in self.gated_rows and torch.compiler.is_compiling():
+            return self.w2(self.gated(x.reshape(-1, self.w1.in_features)).reshape(*x.shape[:-1], self.w1.out_features))
+        return super().forward(x)
+
+    def gated(self, x: Tensor) -> Tensor:
+        return cpu_ops.ops().float_gated_linear(x, self.w1.weight, self.w3.weight)
+
+    def separate(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.silu(self.w1.run_path("native", x)) * self.w3.run_path("native", x)
+
+
 ATTENTION_TIMING_CACHE = 512  # cache slots an attention path is timed with, all of them attended to
 
 
@@ -137,6 +157,18 @@ def choose_float_paths(models: list, choices: cpu_ops.KernelChoices):
             if rows == 1:
                 timers["reduction"] = lambda: cpu_ops.time_compiled(lambda x: module.run_path("reduction", x), x)
             module.paths[rows] = choices.choose(key(module, rows), timers)
+    for module in (m for model in models for m in model.modules() if type(m) is DecodeFeedForward):
+        w1, w3, gated = module.w1, module.w3, set()
+        same = (type(w1) is type(w3) is DecodeLinear and w1.weight.shape == w3.weight.shape
+                and w1.weight.dtype == w3.weight.dtype and w1.bias is None and w3.bias is None)
+        for rows in range(1, DecodeLinear.MAX_ROWS + 1) if native and same else ():
+            if w1.paths.get(rows) == w3.paths.get(rows) == "native":
+                x = torch.randn(rows, w1.in_features, dtype=w1.weight.dtype)
+                timers = {name: (lambda name=name: cpu_ops.time_call(lambda: getattr(module, name)(x)))
+                          for name in ("gated", "separate")}
+                if choices.choose(f"{key(w1, rows)} gated", timers) == "gated":
+                    gated.add(rows)
+        module.gated_rows = frozenset(gated)
     choices.save()
 
 
@@ -148,6 +180,11 @@ def float_paths_summary(models: list) -> list:
         buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))  # the last: every longer input
         paths = {**module.paths, buckets[-1]: "linear"}
         lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(paths, buckets)}")
+    for module in (m for model in models for m in model.modules() if type(m) is DecodeFeedForward and m.gated_rows):
+        key = f"float {module.w1.out_features}x{module.w1.in_features} gate and up"
+        buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))
+        rows = {r: "one call" if r in module.gated_rows else "two calls" for r in buckets}
+        lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(rows, buckets)}")
     for module in (m for model in models for m in model.modules() if type(m) is DecodeAttention):
         key = f"attention {module.n_head}x{module.n_local_heads}x{module.head_dim}"
         buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))
@@ -187,12 +224,14 @@ def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "w
 
 
 def swap_decode_modules(models: list, mode: str):
-    """Plain Linear -> DecodeLinear, Attention -> DecodeAttention, and the blocks to RegionBlock ("regional")
+    """Plain Linear -> DecodeLinear, Attention -> DecodeAttention, FeedForward -> DecodeFeedForward, and the blocks to RegionBlock ("regional")
     or TransformerBlock ("whole"). Eager computation is unchanged."""
     for module in (m for model in models for m in model.modules()):
         if type(module) is torch.nn.Linear:  # plain float linears only; quantized modules keep their paths
             module.__class__ = DecodeLinear
         elif type(module) is Attention:
             module.__class__ = DecodeAttention
+        elif type(module) is FeedForward:
+            module.__class__ = DecodeFeedForward
         elif type(module) in (TransformerBlock, RegionBlock):
             module.__class__ = RegionBlock if mode == "regional" else TransformerBlock

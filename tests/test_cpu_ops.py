@@ -279,6 +279,38 @@ def test_gated_feed_forward_is_one_call_with_the_two_layers_arithmetic(layer, tm
     assert relative_error(feed_forward.gated(x[0]), feed_forward.separate(x[0].float())) < 1e-2
 
 
+@native
+def test_float_gate_and_up_in_one_call(tmp_path):
+    """A float feed-forward under compile: where w1 and w3 both take the native kernel and the one call is
+    measured faster, it computes silu(w1 x) * (w3 x) as the two calls do."""
+    from model import FeedForward, ModelArgs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(FeedForward(ModelArgs(dim=64, intermediate_size=40, n_layer=1, n_head=1, vocab_size=8)))
+    kernels.swap_decode_modules([model], "whole")
+    feed_forward = model[0]
+    choices = cpu_ops.KernelChoices(tmp_path / "choices.json")
+    for shape in ("40x64", "64x40"):
+        choices.choices.update({f"float {shape} float32 rows {rows} compiled": {"path": "native", "us": {}}
+                                for rows in range(1, 9)})
+    choices.choices.update({f"float 40x64 float32 rows {rows} compiled gated": {"path": "gated" if rows != 2 else
+                            "separate", "us": {}} for rows in range(1, 9)})
+    kernels.choose_float_paths([model], choices)
+    assert type(feed_forward) is kernels.DecodeFeedForward and feed_forward.gated_rows == {1, 3, 4, 5, 6, 7, 8}
+    assert "float 40x64 gate and up: one call (1 row), two calls (2 rows), one call (3-8 rows), two calls (longer inputs)" \
+        in kernels.float_paths_summary([model])
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 64)
+        reference = torch.nn.functional.silu(x @ feed_forward.w1.weight.T) * (x @ feed_forward.w3.weight.T)
+        assert torch.allclose(feed_forward.gated(x), reference, atol=1e-5), rows
+        compiled = torch.compile(feed_forward, fullgraph=True)(x[None])[0]
+        assert torch.allclose(compiled, feed_forward.w2(reference), atol=1e-5), rows
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    w1, w3 = feed_forward.w1.weight.bfloat16(), feed_forward.w3.weight.bfloat16()
+    reference = torch.nn.functional.silu(x.float() @ w1.float().T) * (x.float() @ w3.float().T)
+    assert relative_error(cpu_ops.ops().float_gated_linear(x, w1, w3), reference) < 1e-2
+
+
 ATTENTION_SHAPES = [  # (batch, heads, kv heads, query rows, head size, cache slots, mask batch)
     (1, 9, 3, 1, 64, 512, 1),  # SmolLM2's decode
     (1, 4, 4, 8, 128, 70, 1),  # a verification of 7 drafts, no grouping
@@ -389,6 +421,6 @@ def test_the_branches_for_older_cpus(flags):
         pytest.skip("this CPU cannot run AVX2 code")
     env = {**os.environ, "GPT_FAST_NATIVE_FLAGS": flags}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention or gated_feed_forward"],
+                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention or gated_feed_forward or gate_and_up"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
