@@ -192,6 +192,7 @@ def choose_paths(model):
     kernels.choose_attention_paths([model], choices)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     quantize.choose_compiled_paths([model], dtype, choices)
+    kernels.choose_block_paths([model], choices)
 
 
 class BackgroundCompile:

@@ -16,6 +16,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -872,50 +874,62 @@ inline bool zero_bytes(const bool* p) {  // 8 mask entries all false
 }
 
 template <typename T>
+using WeightedRows = void (*)(float*, const float*, const T*, const bool*, int64_t, int64_t, int64_t);
+
+template <typename T>
+WeightedRows<T> weighted_rows_for(int64_t D) {  // the common head sizes with their accumulators in registers
+#if defined(__AVX2__)
+  if (D == 2 * LANES) return weighted_rows<2, T>;
+  if (D == 4 * LANES) return weighted_rows<4, T>;
+  if (D == 8 * LANES) return weighted_rows<8, T>;
+#endif
+  return weighted_rows<0, T>;
+}
+
+// One query row q [D] of one head against its KV head's cached rows k, v [L, D] where mask [L] lets it through.
+template <typename T>
+void attend_row(const T* q, const T* k, const T* v, const bool* mask, int64_t L, int64_t D, WeightedRows<T> weighted,
+                T* out) {
+  thread_local std::vector<float> scores, query, acc;
+  scores.resize(L);
+  query.resize(D);
+  acc.resize(D);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  for (int64_t d = 0; d < D; ++d) query[d] = static_cast<float>(q[d]) * scale;
+  // [first, last): the positions from the first to the last one attended to (a causal decode's prefix, a
+  // sliding window), found 8 mask bytes at a time; holes inside (a Medusa tree's) are skipped one by one.
+  int64_t first = 0, last = L;
+  while (first + 8 <= last && zero_bytes(mask + first)) first += 8;
+  while (first < last && !mask[first]) ++first;
+  while (last - 8 >= first && zero_bytes(mask + last - 8)) last -= 8;
+  while (last > first && !mask[last - 1]) --last;
+  float top = -INFINITY;
+  for (int64_t l = first; l < last; ++l) {
+    scores[l] = mask[l] ? dot_row(query.data(), k + l * D, D) : -INFINITY;
+    top = std::max(top, scores[l]);
+  }
+  const float inverse = last > first ? 1.f / exp_and_sum(scores.data() + first, last - first, top) : 0.f;
+  weighted(acc.data(), scores.data(), v, mask, first, last, D);  // a row that attends to nothing: zeros
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inverse);
+}
+
+template <typename T>
 void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                      at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
   const int64_t group = H / KVH;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool* mp = mask.data_ptr<bool>();
   const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), mr = mask.size(2) == 1 ? 0 : mask.stride(2);
-  auto weighted = weighted_rows<0, T>;  // the common head sizes with their accumulators in registers
-#if defined(__AVX2__)
-  if (D == 2 * LANES) weighted = weighted_rows<2, T>;
-  if (D == 4 * LANES) weighted = weighted_rows<4, T>;
-  if (D == 8 * LANES) weighted = weighted_rows<8, T>;
-#endif
+  const WeightedRows<T> weighted = weighted_rows_for<T>(D);
   at::parallel_for(0, B * H * R, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scores, query, acc;
-    scores.resize(L);
-    query.resize(D);
-    acc.resize(D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (H * R), h = i / R % H, r = i % R;
-      const T* qi = qp + i * D;  // q [B, H, R, D] contiguous: row i
-      const T* ki = kp + (b * KVH + h / group) * L * D;
-      const T* vi = vp + (b * KVH + h / group) * L * D;
-      const bool* mi = mp + b * mb + r * mr;
-      for (int64_t d = 0; d < D; ++d) query[d] = static_cast<float>(qi[d]) * scale;
-      // [first, last): the positions from the first to the last one attended to (a causal decode's prefix, a
-      // sliding window), found 8 mask bytes at a time; holes inside (a Medusa tree's) are skipped one by one.
-      int64_t first = 0, last = L;
-      while (first + 8 <= last && zero_bytes(mi + first)) first += 8;
-      while (first < last && !mi[first]) ++first;
-      while (last - 8 >= first && zero_bytes(mi + last - 8)) last -= 8;
-      while (last > first && !mi[last - 1]) --last;
-      float top = -INFINITY;
-      for (int64_t l = first; l < last; ++l) {
-        scores[l] = mi[l] ? dot_row(query.data(), ki + l * D, D) : -INFINITY;
-        top = std::max(top, scores[l]);
-      }
-      const float inverse = last > first ? 1.f / exp_and_sum(scores.data() + first, last - first, top) : 0.f;
-      weighted(acc.data(), scores.data(), vi, mi, first, last, D);  // a row that attends to nothing: zeros
-      for (int64_t d = 0; d < D; ++d) op[i * D + d] = static_cast<T>(acc[d] * inverse);
+      const int64_t kv = (b * KVH + h / group) * L * D;  // q [B, H, R, D] contiguous: row i
+      attend_row(qp + i * D, kp + kv, vp + kv, mp + b * mb + r * mr, L, D, weighted, op + i * D);
     }
   });
 }
@@ -944,6 +958,257 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   return out;
 }
 
+// ---------------------------------------------------------------- a decoder block of one token in two calls
+// A decoded token's block is ~8 calls in the compiled graph (norm, qkv, rope and cache write, attention, wo,
+// residual and norm, gate and up, down), each a trip through the dispatcher and an OpenMP fork and join: about
+// 2 ms of a 6 ms int4 token on 2 cores is that fixed cost (measured with the products' loops emptied).
+// block_qkv (norm, qkv, bias, q/k norms, rope) and block_rest (attention, wo, residual, norm, gate and up, down,
+// residual) do the same work in one parallel region each, the threads meeting at barriers; the cache write
+// between them stays in the graph. Every value the module path stores in the model's dtype T is rounded to T
+// here too, so the two paths agree to the last bit or nearly (the tests compare them).
+
+struct Weights {  // one linear layer in its native kernel's layout
+  int64_t kind = 0;  // 0: a float weight [N, K]; 1: int8 tiles and their scales; 2: int4 tiles, d and m
+  const void *a = nullptr, *b = nullptr, *c = nullptr;
+  at::ScalarType dtype = at::kFloat;  // a float weight's
+  int64_t K = 0, N = 0, shift = 0;
+  int64_t tiles() const { return (N + TILE - 1) / TILE; }
+};
+
+Weights weights_of(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t kind, int64_t groupsize,
+                   int64_t K, int64_t N) {
+  Weights w;
+  w.kind = kind, w.K = K, w.N = N, w.a = a.data_ptr(), w.dtype = a.scalar_type();
+  if (kind == 0) {
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == N && a.size(1) == K && a.is_contiguous()
+                && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
+                "a float weight must be contiguous [N, K] float32, bfloat16 or float16");
+    return w;
+  }
+  TORCH_CHECK(kind == 1 || kind == 2, "kind must be 0 (float), 1 (int8) or 2 (int4)");
+  TORCH_CHECK(K % BLOCK == 0, "K must be a multiple of 32");
+  if (kind == 1) check_int8_layer(a, b, K, groupsize, N);
+  else check_int4_layer(a, b, c, K, groupsize, N);
+  w.b = b.data_ptr(), w.c = c.data_ptr(), w.shift = group_shift(K, groupsize);
+  return w;
+}
+
+// A thread's copy of one input row: as float, and quantized in blocks of 32 for the integer kernels.
+struct RowInput {
+  std::vector<float> x, scale, scaled_sum;
+  std::vector<int8_t> q;
+  template <typename T>
+  void set(const T* row, int64_t K, bool quantized) {
+    x.resize(K);
+    for (int64_t i = 0; i < K; ++i) x[i] = static_cast<float>(row[i]);
+    if (!quantized) return;
+    q.resize(K), scale.resize(K / BLOCK), scaled_sum.resize(K / BLOCK);
+    quantize_activations(x.data(), 1, K, q.data(), scale.data(), scaled_sum.data());
+  }
+};
+
+// out[c] for the channels of tiles [t_begin, t_end) of w times one input row
+void run_tiles(const Weights& w, const RowInput& in, float* out, int64_t t_begin, int64_t t_end) {
+  if (w.kind == 2) {
+    int4_tile_rows<1>(static_cast<const uint8_t*>(w.a), static_cast<const c10::Half*>(w.b),
+                      static_cast<const c10::Half*>(w.c), w.K, w.shift, in.q.data(), in.scale.data(),
+                      in.scaled_sum.data(), out, w.N, t_begin, t_end);
+  } else if (w.kind == 1) {
+    int8_tile_rows<1>(static_cast<const int8_t*>(w.a), static_cast<const float*>(w.b), w.K, w.shift, in.q.data(),
+                      in.scale.data(), in.scaled_sum.data(), out, w.N, t_begin, t_end);
+  } else {
+    const int64_t n_begin = t_begin * TILE, n_end = std::min(w.N, t_end * TILE);
+    switch (w.dtype) {
+      case at::kFloat: float_rows<1>(static_cast<const float*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end); break;
+      case at::kBFloat16: float_rows<1>(static_cast<const c10::BFloat16*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end); break;
+      default: float_rows<1>(static_cast<const c10::Half*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end); break;
+    }
+  }
+}
+
+inline std::pair<int64_t, int64_t> share_of(int64_t count, int thread, int threads) {  // a thread's part
+  return {count * thread / threads, count * (thread + 1) / threads};
+}
+
+template <typename T>
+inline float rounded(float x) { return static_cast<float>(static_cast<T>(x)); }
+
+// RMSNorm as model.RMSNorm computes it: normalized in float32, rounded to T, times the weight (rounded to T).
+template <typename T>
+void rms_norm(const float* x, const T* weight, double eps, int64_t n, T* out) {
+  float squares = 0.f;
+  for (int64_t i = 0; i < n; ++i) squares += x[i] * x[i];
+  const float inverse = 1.f / std::sqrt(squares / n + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(weight[i]) * rounded<T>(x[i] * inverse));
+}
+
+template <typename T>
+const T* data_or_null(const c10::optional<at::Tensor>& t, int64_t numel) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->is_contiguous() && t->numel() == numel && t->scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "norm weights and bias must be contiguous, in the activations' dtype");
+  return t->data_ptr<T>();
+}
+
+template <typename T>
+at::Tensor block_qkv_typed(const at::Tensor& h, const at::Tensor& norm_weight, double eps, const Weights& w,
+                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
+                           const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
+                           const at::Tensor& sin, int64_t heads, int64_t kv_heads) {
+  const int64_t K = w.K, N = w.N, D = N / (heads + 2 * kv_heads);
+  TORCH_CHECK(D * (heads + 2 * kv_heads) == N && D % 2 == 0 && cos.numel() == D && sin.numel() == D,
+              "out_features must be (heads + 2 kv_heads) * head_dim, cos and sin [head_dim]");
+  const T* norm = data_or_null<T>(norm_weight, K);
+  const T* bias_p = data_or_null<T>(bias, N);
+  const T* q_norm_p = data_or_null<T>(q_norm, D);
+  const T* k_norm_p = data_or_null<T>(k_norm, D);
+  const at::Tensor cos_c = cos.contiguous().to(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor sin_c = sin.contiguous().to(c10::CppTypeToScalarType<T>::value);
+  thread_local std::vector<float> h_float, out_float;
+  thread_local std::vector<T> normed;
+  h_float.resize(K), normed.resize(K), out_float.resize(N);
+  const T* hp = h.data_ptr<T>();
+  for (int64_t i = 0; i < K; ++i) h_float[i] = static_cast<float>(hp[i]);
+  rms_norm(h_float.data(), norm, eps, K, normed.data());
+  const T* x = normed.data();
+  float* out = out_float.data();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    thread_local RowInput in;
+    in.set(x, K, w.kind != 0);
+    const auto [t_begin, t_end] = share_of(w.tiles(), omp_get_thread_num(), omp_get_num_threads());
+    run_tiles(w, in, out, t_begin, t_end);
+  }
+  at::Tensor result = at::empty({1, N}, h.options());
+  T* y = result.data_ptr<T>();
+  for (int64_t i = 0; i < N; ++i) y[i] = static_cast<T>(bias_p ? rounded<T>(out[i]) + static_cast<float>(bias_p[i]) : out[i]);
+  const T* cp = cos_c.data_ptr<T>();
+  const T* sp = sin_c.data_ptr<T>();
+  thread_local std::vector<float> head;
+  head.resize(D);
+  for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {  // q's heads, then k's: norm (Qwen3), then rope
+    T* row = y + hd * D;
+    const T* head_norm = hd < heads ? q_norm_p : k_norm_p;
+    for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
+    if (head_norm) {
+      rms_norm(head.data(), head_norm, qk_eps, D, row);
+      for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
+    }
+    const int64_t half = D / 2;  // HF's rotate_half: x cos + (-x2, x1) sin
+    for (int64_t d = 0; d < D; ++d) {
+      const float rotated = d < half ? -head[d + half] : head[d - half];
+      row[d] = static_cast<T>(head[d] * static_cast<float>(cp[d]) + rotated * static_cast<float>(sp[d]));
+    }
+  }
+  return result;
+}
+
+// The input row h [1, K] normed, times the qkv weights (+ bias), q's and k's heads normed (Qwen3) and rotated.
+at::Tensor block_qkv(const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& a,
+                     const at::Tensor& b, const at::Tensor& c, int64_t kind, int64_t groupsize, int64_t out_features,
+                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
+                     const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
+                     const at::Tensor& sin, int64_t heads, int64_t kv_heads) {
+  const at::Tensor h = h_in.contiguous();
+  TORCH_CHECK(h.numel() == h.size(-1), "block_qkv takes one row");
+  const Weights w = weights_of(a, b, c, kind, groupsize, h.size(-1), out_features);
+  switch (h.scalar_type()) {
+    case at::kFloat: return block_qkv_typed<float>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
+    case at::kBFloat16: return block_qkv_typed<c10::BFloat16>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
+    case at::kHalf: return block_qkv_typed<c10::Half>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
+    default: TORCH_CHECK(false, "h must be float32, bfloat16 or float16");
+  }
+}
+
+template <typename T>
+at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight, double eps,
+                            const Weights& w1, const Weights& w3, const Weights& w2) {
+  const int64_t dim = wo.N, H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2), inter = w1.N;
+  const int64_t group = H / KVH;
+  const T* hp = h.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();  // the cache's first sequence: this op decodes a batch of one
+  const T* vp = v.data_ptr<T>();
+  const bool* mp = mask.data_ptr<bool>();
+  const T* norm = data_or_null<T>(norm_weight, dim);
+  const WeightedRows<T> weighted = weighted_rows_for<T>(D);
+  thread_local std::vector<T> attended, activated, residual;  // shared by the threads, each writing its part
+  thread_local std::vector<float> wo_out, gate, up, w2_out;
+  attended.resize(H * D), activated.resize(inter), residual.resize(dim);
+  wo_out.resize(dim), gate.resize(inter), up.resize(inter), w2_out.resize(dim);
+  T *att = attended.data(), *act = activated.data(), *h2 = residual.data();
+  float *wo_p = wo_out.data(), *gate_p = gate.data(), *up_p = up.data(), *w2_p = w2_out.data();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
+    thread_local RowInput in;
+    thread_local std::vector<float> h2_float;
+    thread_local std::vector<T> normed;
+    const auto [h_begin, h_end] = share_of(H, thread, threads);
+    for (int64_t hd = h_begin; hd < h_end; ++hd) {
+      const int64_t kv = (hd / group) * L * D;
+      attend_row(qp + hd * D, kp + kv, vp + kv, mp, L, D, weighted, att + hd * D);
+    }
+#pragma omp barrier
+    in.set(att, H * D, wo.kind != 0);
+    const auto [o_begin, o_end] = share_of(wo.tiles(), thread, threads);
+    run_tiles(wo, in, wo_p, o_begin, o_end);
+#pragma omp barrier
+    h2_float.resize(dim), normed.resize(dim);  // every thread: the residual and its norm, for its own input
+    for (int64_t i = 0; i < dim; ++i) h2_float[i] = rounded<T>(static_cast<float>(hp[i]) + rounded<T>(wo_p[i]));
+    if (thread == 0)
+      for (int64_t i = 0; i < dim; ++i) h2[i] = static_cast<T>(h2_float[i]);
+    rms_norm(h2_float.data(), norm, eps, dim, normed.data());
+    in.set(normed.data(), dim, w1.kind != 0);
+    const auto [g_begin, g_end] = share_of(w1.tiles(), thread, threads);
+    run_tiles(w1, in, gate_p, g_begin, g_end);
+    run_tiles(w3, in, up_p, g_begin, g_end);
+    const int64_t c0 = std::min(inter, g_begin * TILE), count = std::min(inter, g_end * TILE) - c0;
+    silu_times(gate_p + c0, up_p + c0, act + c0, count);
+#pragma omp barrier
+    in.set(act, inter, w2.kind != 0);
+    const auto [d_begin, d_end] = share_of(w2.tiles(), thread, threads);
+    run_tiles(w2, in, w2_p, d_begin, d_end);
+  }
+  at::Tensor result = at::empty({1, dim}, h.options());
+  T* y = result.data_ptr<T>();
+  for (int64_t i = 0; i < dim; ++i) y[i] = static_cast<T>(static_cast<float>(h2[i]) + rounded<T>(w2_p[i]));
+  return result;
+}
+
+// The rest of the block after the cache write, for one row h [1, dim] and its rotated q [1, H, 1, D]:
+// attention over the cache's first sequence k, v [B, KVH, L, D] where mask [.., L] allows, wo, the residual,
+// the norm, silu(w1 x) * (w3 x), w2 and the residual again.
+at::Tensor block_rest(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& mask, const at::Tensor& wo_a, const at::Tensor& wo_b, const at::Tensor& wo_c,
+                      int64_t wo_kind, int64_t wo_groupsize, const at::Tensor& norm_weight, double eps,
+                      const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w1_c, const at::Tensor& w3_a,
+                      const at::Tensor& w3_b, const at::Tensor& w3_c, int64_t ffn_kind, int64_t ffn_groupsize,
+                      int64_t intermediate, const at::Tensor& w2_a, const at::Tensor& w2_b, const at::Tensor& w2_c,
+                      int64_t w2_kind, int64_t w2_groupsize) {
+  const at::Tensor h = h_in.contiguous(), q = q_in.contiguous();
+  TORCH_CHECK(h.numel() == h.size(-1) && q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1,
+              "block_rest takes one row: h [1, dim], q [1, H, 1, D]");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.is_contiguous() && v.is_contiguous()
+              && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0, "k and v caches [B, KVH, L, D], contiguous");
+  TORCH_CHECK(q.scalar_type() == h.scalar_type() && k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(),
+              "h, q and the caches must have one dtype");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == k.size(2) && mask.is_contiguous(),
+              "mask must be one contiguous bool row [.., L]");
+  const int64_t dim = h.size(-1), attended = q.size(1) * q.size(3);
+  const Weights wo = weights_of(wo_a, wo_b, wo_c, wo_kind, wo_groupsize, attended, dim);
+  const Weights w1 = weights_of(w1_a, w1_b, w1_c, ffn_kind, ffn_groupsize, dim, intermediate);
+  const Weights w3 = weights_of(w3_a, w3_b, w3_c, ffn_kind, ffn_groupsize, dim, intermediate);
+  const Weights w2 = weights_of(w2_a, w2_b, w2_c, w2_kind, w2_groupsize, intermediate, dim);
+  switch (h.scalar_type()) {
+    case at::kFloat: return block_rest_typed<float>(h, q, k, v, mask, wo, norm_weight, eps, w1, w3, w2);
+    case at::kBFloat16: return block_rest_typed<c10::BFloat16>(h, q, k, v, mask, wo, norm_weight, eps, w1, w3, w2);
+    case at::kHalf: return block_rest_typed<c10::Half>(h, q, k, v, mask, wo, norm_weight, eps, w1, w3, w2);
+    default: TORCH_CHECK(false, "h must be float32, bfloat16 or float16");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gptfast_cpu, m) {
@@ -956,6 +1221,13 @@ TORCH_LIBRARY(gptfast_cpu, m) {
         "int groupsize, int out_features) -> Tensor");
   m.def("int4_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_d, Tensor gate_m, Tensor up_tiles, Tensor up_d, "
         "Tensor up_m, int groupsize, int out_features) -> Tensor");
+  m.def("block_qkv(Tensor h, Tensor norm_weight, float eps, Tensor a, Tensor b, Tensor c, int kind, int groupsize, "
+        "int out_features, Tensor? bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, "
+        "int heads, int kv_heads) -> Tensor");
+  m.def("block_rest(Tensor h, Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo_a, Tensor wo_b, Tensor wo_c, "
+        "int wo_kind, int wo_groupsize, Tensor norm_weight, float eps, Tensor w1_a, Tensor w1_b, Tensor w1_c, "
+        "Tensor w3_a, Tensor w3_b, Tensor w3_c, int ffn_kind, int ffn_groupsize, int intermediate, Tensor w2_a, "
+        "Tensor w2_b, Tensor w2_c, int w2_kind, int w2_groupsize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
@@ -966,4 +1238,6 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("float_gated_linear", &float_gated_linear);
   m.impl("int8_gated_linear", &int8_gated_linear);
   m.impl("int4_gated_linear", &int4_gated_linear);
+  m.impl("block_qkv", &block_qkv);
+  m.impl("block_rest", &block_rest);
 }

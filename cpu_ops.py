@@ -78,6 +78,9 @@ if hasattr(torch.library, "register_fake"):
         torch.library.register_fake("gptfast_cpu::int4_gated_linear")(
             lambda x, gate_tiles, gate_d, gate_m, up_tiles, up_d, up_m, groupsize, out_features:
             x.new_empty(x.shape[0], out_features))
+        torch.library.register_fake("gptfast_cpu::block_qkv")(
+            lambda h, norm_weight, eps, a, b, c, kind, groupsize, out_features, *rest: h.new_empty(1, out_features))
+        torch.library.register_fake("gptfast_cpu::block_rest")(lambda h, *rest: h.new_empty(1, h.shape[-1]))
         torch.library.register_fake("gptfast_cpu::float_gated_linear")(
             lambda x, gate_weight, up_weight: x.new_empty(x.shape[0], gate_weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask: q.new_empty(q.shape))  # contiguous
@@ -244,6 +247,23 @@ def time_compiled(fn: Callable, *inputs) -> float:
             _graph_call_us = time_call(lambda: empty(torch.zeros(1)))
         compiled = torch.compile(fn, fullgraph=True, dynamic=False)
         return max(time_call(lambda: compiled(*inputs)) - _graph_call_us, 0.0)
+
+
+def time_compiled_alternately(candidates: dict, *inputs, rounds: int = 7) -> dict:
+    """{name: microseconds} of each `candidates[name](*inputs)` compiled, timed in turns (A, B, A, B, ...) and
+    the median of each one's rounds taken: on a shared VM two timings a second apart differed 2x (measured),
+    which a comparison of whole blocks, ~25% apart, cannot take one after the other."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1 << 16, accumulated_recompile_limit=1 << 16):
+        compiled = {name: torch.compile(fn, fullgraph=True, dynamic=False) for name, fn in candidates.items()}
+        for fn in compiled.values():
+            fn(*inputs)  # compiles, outside the measuring lock
+        rounds_us = {name: [] for name in compiled}
+        for _ in range(rounds):
+            for name, fn in compiled.items():
+                rounds_us[name].append(time_call(lambda: fn(*inputs), budget_s=0.01))
+    return {name: statistics.median(times) for name, times in rounds_us.items()}
 
 
 class KernelChoices:

@@ -185,6 +185,8 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     kernels.use_decode_kernels(models, device, mode=mode)
     if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
         quantize.choose_compiled_paths(models, float_dtype(models[0]), cpu_ops.KernelChoices())
+        if mode == "whole":  # a decoded token's block in two native calls, where measured faster
+            kernels.choose_block_paths(models, cpu_ops.KernelChoices())
     cuda_graphs = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
     decode_one_token = torch.compile(decode_one_token, mode=cuda_graphs, fullgraph=True)
     if drafter is not None:
@@ -533,7 +535,7 @@ def prefill_counts(prompt_tokens: int, reused: int) -> str:
 
 def kernel_paths_report(models: list, device) -> str:
     """Which kernel path each layer shape takes (quantize.py's measured choice; kernels.py's under compile)."""
-    lines = quantize.kernel_paths_summary(models) + kernels.float_paths_summary(models)
+    lines = quantize.kernel_paths_summary(models) + kernels.float_paths_summary(models) + kernels.block_paths_summary(models)
     where = cpu_ops.cpu_description() if torch.device(device).type == "cpu" else str(device)
     return "\n".join([f"Kernel paths on {where}:"] + [f"  {line}" for line in lines or ["no quantized or compiled layers"]])
 

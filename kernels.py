@@ -44,6 +44,10 @@ class DecodeLinear(torch.nn.Linear):
             return y.reshape(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
+    def native_weights(self):
+        """(a, b, c, kind, groupsize): this layer as cpu_ops.cpp's block calls take it (kind 0, a float weight)."""
+        return self.weight, self.weight, self.weight, 0, 0
+
 
 class DecodeAttention(Attention):
     """Attention with paths for one decoded token and a few verified ones, for torch.compile on CPU.
@@ -192,11 +196,125 @@ def float_paths_summary(models: list) -> list:
     return list(lines.values())
 
 
-class RegionBlock(TransformerBlock):
-    """A TransformerBlock that torch.compile traces and compiles once and then calls for every layer (PyTorch's
+class DecodeBlock(TransformerBlock):
+    """A transformer block whose decoded token (a batch of one, under compile on CPU) may take two native calls,
+    cpu_ops.cpp's block_qkv (norm, qkv, q/k norms, rope) and block_rest (attention, wo, residual, norm, gate and
+    up, down, residual), around the cache write, where the module path makes ~8 calls, each a dispatcher trip and
+    an OpenMP fork and join. Taken where choose_block_paths measured it faster (`native`); anything else (eager,
+    prompts, verification, layers it cannot take: hooks, activation rounding, a float weight of another dtype)
+    is the module path."""
+
+    native: bool = False
+
+    def forward(self, x, rope, mask, cache_pos):
+        if self.native and torch.compiler.is_compiling() and x.shape[0] * x.shape[1] == 1 and mask.shape[2] == 1:
+            return self.native_forward(x, rope, mask, cache_pos)
+        return super().forward(x, rope, mask, cache_pos)
+
+    def linears(self) -> list:
+        attention, ffn = self.attention, self.feed_forward
+        return [attention.wqkv, attention.wo, ffn.w1, ffn.w3, ffn.w2]
+
+    def can_take_native(self) -> bool:
+        """Every product has a native layout, no module hooks (tensor parallel's all-reduces), w1 and w3 alike."""
+        linears = self.linears()
+        if not cpu_ops.load() or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self):
+            return False
+        weights = [getattr(m, "native_weights", lambda: None)() for m in linears]
+        return (all(w is not None for w in weights) and weights[2][3:] == weights[3][3:]
+                and all(m.bias is None for m in linears[1:]) and not getattr(self.attention.kv_cache, "quantized", False))
+
+    def native_forward(self, x, rope, mask, cache_pos):
+        attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
+        wqkv, wo, w1, w3, w2 = self.linears()
+        h = x.reshape(1, -1)
+        q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        bias = None if wqkv.bias is None else wqkv.bias.to(x.dtype)
+        qkv = ops.block_qkv(h, self.attention_norm.weight, self.attention_norm.eps, *wqkv.native_weights(),
+                            wqkv.out_features, bias, q_norm.weight if q_norm else None,
+                            k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, rope[0].reshape(-1),
+                            rope[1].reshape(-1), attention.n_head, attention.n_local_heads)
+        heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q = q.view(1, heads, 1, head_dim)
+        k, v = k.view(1, kv_heads, 1, head_dim), v.view(1, kv_heads, 1, head_dim)
+        k_cache, v_cache = attention.kv_cache.update(cache_pos, k, v)
+        ffn_weights = w1.native_weights()
+        out = ops.block_rest(h, q, k_cache, v_cache, mask, *wo.native_weights(), self.ffn_norm.weight,
+                             self.ffn_norm.eps, *ffn_weights[:3], *w3.native_weights()[:3], *ffn_weights[3:],
+                             w1.out_features, *w2.native_weights())
+        return out.view_as(x)
+
+
+class RegionBlock(DecodeBlock):
+    """A DecodeBlock that torch.compile traces and compiles once and then calls for every layer (PyTorch's
     regional compilation): the C++ compiler sees one block's kernels instead of n_layer copies of them."""
 
-    forward = torch.compiler.nested_compile_region(TransformerBlock.forward)
+    forward = torch.compiler.nested_compile_region(DecodeBlock.forward)
+
+
+BLOCK_TIMING_CACHE = 64  # cache slots of the timed block (20 attended): the fixed costs are what differ
+
+
+def block_key(block: DecodeBlock, dtype) -> str:
+    def kind(module):
+        a, _, _, kind, groupsize = module.native_weights()
+        name = {0: str(a.dtype).removeprefix("torch."), 1: f"int8 g{groupsize}", 2: f"int4 g{groupsize}"}[kind]
+        return f"{name} {module.out_features}x{module.in_features}"
+    attention = block.attention
+    return (f"block {', '.join(kind(m) for m in block.linears())} heads {attention.n_head}x"
+            f"{attention.n_local_heads}x{attention.head_dim} {str(dtype).removeprefix('torch.')} rows 1 compiled")
+
+
+@torch.no_grad()
+def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
+    """Per block kind (its layers' kinds and shapes, heads, dtype), whether one decoded token takes the two
+    native calls: a one-block decode timed compiled both ways (each product on its own measured path in the
+    other), with a cache of its own. Call after the other paths are chosen."""
+    from model import KVCache
+
+    for model in models:
+        blocks = [m for m in model.modules() if isinstance(m, DecodeBlock)]
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        for block in blocks:
+            block.native = False
+            if not block.can_take_native():
+                continue
+            key = block_key(block, dtype)
+            if key not in choices.choices:
+                attention = block.attention
+                kept_cache = attention.kv_cache
+                attention.kv_cache = KVCache(1, BLOCK_TIMING_CACHE, attention.n_local_heads, attention.head_dim, dtype)
+                x = torch.randn(1, 1, model.args.dim, dtype=dtype)
+                rope = tuple(torch.randn(1, attention.head_dim, dtype=dtype) for _ in range(2))
+                mask = torch.zeros(1, 1, 1, BLOCK_TIMING_CACHE, dtype=torch.bool)
+                mask[..., :20] = True
+                position = torch.tensor([19])
+
+                def run(native, x, cos, sin, mask, position):
+                    block.native = native
+                    return DecodeBlock.forward(block, x, (cos, sin), mask, position)
+
+                try:
+                    times = cpu_ops.time_compiled_alternately(
+                        {"module path": lambda *inputs: run(False, *inputs),
+                         "two calls": lambda *inputs: run(True, *inputs)}, x, *rope, mask, position)
+                finally:
+                    attention.kv_cache = kept_cache
+                choices.choose(key, {name: (lambda us=us: us) for name, us in times.items()})
+            block.native = choices.choices[key]["path"] == "two calls"
+    choices.save()
+
+
+def block_paths_summary(models: list) -> list:
+    lines = {}
+    for model in models:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        for block in (m for m in model.modules() if isinstance(m, DecodeBlock) and m.can_take_native()):
+            key = block_key(block, dtype)
+            lines.setdefault(key, f"{key.removesuffix(' rows 1 compiled')}: "
+                                  f"{'two native calls' if block.native else 'module path'} (1 row)")
+    return list(lines.values())
 
 
 COMPILE_MODES = ("regional", "whole")
@@ -225,7 +343,7 @@ def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "w
 
 def swap_decode_modules(models: list, mode: str):
     """Plain Linear -> DecodeLinear, Attention -> DecodeAttention, FeedForward -> DecodeFeedForward, and the blocks to RegionBlock ("regional")
-    or TransformerBlock ("whole"). Eager computation is unchanged."""
+    or DecodeBlock ("whole"). Eager computation is unchanged."""
     for module in (m for model in models for m in model.modules()):
         if type(module) is torch.nn.Linear:  # plain float linears only; quantized modules keep their paths
             module.__class__ = DecodeLinear
@@ -233,5 +351,5 @@ def swap_decode_modules(models: list, mode: str):
             module.__class__ = DecodeAttention
         elif type(module) is FeedForward:
             module.__class__ = DecodeFeedForward
-        elif type(module) in (TransformerBlock, RegionBlock):
-            module.__class__ = RegionBlock if mode == "regional" else TransformerBlock
+        elif type(module) in (TransformerBlock, RegionBlock, DecodeBlock):
+            module.__class__ = RegionBlock if mode == "regional" else DecodeBlock

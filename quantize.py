@@ -230,6 +230,13 @@ class Int8Linear(nn.Module):
         # CUDA: inductor fuses the dequantization into the matmul's prologue
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
+    def native_weights(self):
+        """(tiles, scales, scales, 1, groupsize): this layer as cpu_ops.cpp's block calls take it; None without
+        the native tiles or where inputs are rounded first (QAT)."""
+        if not hasattr(self, "tiles") or self.activation_bits:
+            return None
+        return self.tiles, self.tile_scales, self.tile_scales, 1, self.groupsize or self.in_features
+
     def forward(self, x: Tensor) -> Tensor:
         if self.activation_bits:
             x = fake_quantize_activations(x)
@@ -308,6 +315,12 @@ class Int4Linear(nn.Module):
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.groupsize, self.scales_and_zeros)
+
+    def native_weights(self):
+        """(tiles, d, m, 2, groupsize), as Int8Linear.native_weights."""
+        if not hasattr(self, "tiles") or self.activation_bits:
+            return None
+        return self.tiles, self.tile_d, self.tile_m, 2, self.groupsize
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation_bits:

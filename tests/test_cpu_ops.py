@@ -421,6 +421,112 @@ def test_the_branches_for_older_cpus(flags):
         pytest.skip("this CPU cannot run AVX2 code")
     env = {**os.environ, "GPT_FAST_NATIVE_FLAGS": flags}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention or gated_feed_forward or gate_and_up"],
+                             "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention or gated_feed_forward "
+                                   "or gate_and_up or two_native_calls"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+BLOCK_LINEARS = [("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w1"), ("feed_forward", "w3"),
+                 ("feed_forward", "w2")]
+
+
+def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32):
+    """The last block of a tiny `family` model in `dtype`, its products float or quantized as `kind` (each on
+    the native kernel), with a cache of random entries; and the rope and mask of position 9."""
+    import generate
+
+    model = generate.load_model(tiny_models[family][2], "cpu", dtype)
+    kernels.swap_decode_modules([model], "whole")
+    block = model.layers[-1]
+    if kind != "float":
+        for owner, name in BLOCK_LINEARS:
+            module = LAYERS[kind](getattr(getattr(block, owner), name))
+            setattr(getattr(block, owner), name, forced(module, dtype, "native", tmp_path))
+    model.setup_caches(1, cache_length)
+    torch.manual_seed(0)
+    for cache in block.attention.kv_cache.buffers():
+        cache.normal_()
+    position = torch.tensor([9])
+    rope = (model.rope_cos[position].to(dtype), model.rope_sin[position].to(dtype))
+    mask = model.causal_mask[None, None, position]
+    if block.attention.sliding:
+        mask = mask & model.window_mask[None, None, position]
+    return block, rope, mask, position
+
+
+@native
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["float", "int8 per channel", "int4 g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, family, kind, dtype, tmp_path):
+    """block_qkv and block_rest (norms, qkv with Qwen2's bias, Qwen3's q/k norms, rope, GQA attention over the
+    cache, a sliding window, wo, the gated feed-forward, both residuals) against the block's own modules:
+    the same output and the same entries written to the cache (float32 to rounding, bfloat16 to its ulp)."""
+    block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path)
+    assert block.can_take_native()
+    x = torch.randn(1, 1, block.attention_norm.weight.shape[0], dtype=dtype)
+    cache = block.attention.kv_cache
+    before = [buffer.clone() for buffer in cache.buffers()]
+    with torch.no_grad():
+        reference = kernels.TransformerBlock.forward(block, x, rope, mask, position)
+        written = [buffer[:, :, 9].clone() for buffer in cache.buffers()]
+        for buffer, kept in zip(cache.buffers(), before):
+            buffer.copy_(kept)
+        out = block.native_forward(x, rope, mask, position)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.shape == reference.shape and out.dtype == dtype
+    assert relative_error(out, reference) < tolerance
+    for buffer, expected in zip(cache.buffers(), written):
+        assert relative_error(buffer[:, :, 9], expected) < tolerance
+    others = [i for i in range(buffer.shape[2]) if i != 9]
+    assert all(torch.equal(buffer[:, :, others], kept[:, :, others]) for buffer, kept in zip(cache.buffers(), before))
+
+
+@native
+def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_models, tmp_path):
+    """choose_block_paths times both ways compiled and caches the choice; compiled with the two calls, the
+    block computes what it computes eagerly; a block whose layers carry hooks (tensor parallel's all-reduces)
+    keeps the module path."""
+    block, rope, mask, position = native_block(tiny_models, "qwen3", "int4 g32", torch.float32, tmp_path)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([block])
+    model.args = type("Args", (), {"dim": block.attention_norm.weight.shape[0]})()
+    choices = cpu_ops.KernelChoices(tmp_path / "block.json")
+    kernels.choose_block_paths([model], choices)
+    key = kernels.block_key(block, torch.float32)
+    assert choices.choices[key]["path"] in ("two calls", "module path")
+    assert set(choices.choices[key]["us"]) == {"two calls", "module path"}
+    assert block.native == (choices.choices[key]["path"] == "two calls")
+    line = f"{key.removesuffix(' rows 1 compiled')}: {'two native calls' if block.native else 'module path'} (1 row)"
+    assert kernels.block_paths_summary([model]) == [line]
+
+    block.native = True
+    x = torch.randn(1, 1, model.args.dim)
+    cache = block.attention.kv_cache
+    before = [buffer.clone() for buffer in cache.buffers()]
+    with torch.no_grad():
+        expected = kernels.TransformerBlock.forward(block, x, rope, mask, position)
+        written = [buffer[:, :, 9].clone() for buffer in cache.buffers()]
+        for buffer, kept in zip(cache.buffers(), before):
+            buffer.copy_(kept)
+        compiled = torch.compile(lambda *inputs: block(*inputs), fullgraph=True, dynamic=False)
+        out = compiled(x, rope, mask, position)
+    assert relative_error(out, expected) < 1e-5
+    assert all(relative_error(buffer[:, :, 9], row) < 1e-5 for buffer, row in zip(cache.buffers(), written))
+    assert not torch.equal(written[0], before[0][:, :, 9])
+    graphs = []
+
+    def recording(graph_module, inputs):
+        graphs.append(str(graph_module.graph))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(lambda *inputs: block(*inputs), fullgraph=True, backend=recording)(x, rope, mask, position)
+    assert "block_qkv" in graphs[0] and "block_rest" in graphs[0] and "int4_linear" not in graphs[0]
+
+    block.feed_forward.w2.register_forward_hook(lambda module, inputs, output: output)
+    assert not block.can_take_native()
+    kernels.choose_block_paths([model], choices)
+    assert not block.native and kernels.block_paths_summary([model]) == []
