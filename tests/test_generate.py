@@ -286,9 +286,7 @@ def test_ignore_eos_never_checks_for_a_stop(tiny_models, monkeypatch):
 def test_compile_modes_give_eager_tokens(tiny_models, mode):
     """Both CPU compile modes decode exactly eager's greedy tokens in float32 (Qwen2: windowed upper layers,
     qkv bias), with the float and the int8 KV cache: "regional" swaps every block for the one compiled region,
-    "whole" keeps the plain blocks and inductor's C++ wrapper."""
-    from model import TransformerBlock
-
+    "whole" for DecodeBlocks (a float32 block there may take its two native calls) and inductor's C++ wrapper."""
     _, _, checkpoint = tiny_models["qwen2"]
     model = generate.load_model(checkpoint, "cpu", torch.float32)
     int8_cache = generate.load_model(checkpoint, "cpu", torch.float32, kv_cache_dtype=torch.int8)
@@ -296,7 +294,7 @@ def test_compile_modes_give_eager_tokens(tiny_models, mode):
     eager, eager_int8_cache = (generate.generate(m, prompt, 24) for m in (model, int8_cache))
     try:
         generate.compile_functions([model, int8_cache], "cpu", mode=mode)
-        block_class = kernels.RegionBlock if mode == "regional" else TransformerBlock
+        block_class = kernels.RegionBlock if mode == "regional" else kernels.DecodeBlock
         assert all(type(layer) is block_class for layer in model.layers)
         assert torch._inductor.config.cpp_wrapper == (mode == "whole")
         assert torch.equal(generate.generate(model, prompt, 24), eager)
