@@ -163,6 +163,12 @@ inline __m256i nibble_dot(__m256i dot, __m256i nibbles, int32_t four_activations
 }
 #endif
 
+// How far ahead of its reads the int4 kernel asks for the weights (8 blocks of a tile, 2 KB): one thread reading
+// a layer from memory went from 12-17 to 17-22 GB/s on Zen 4 with it (the prefetchers alone keep too few lines
+// in flight), two threads from 18-25 to 24-31 GB/s (medians of 15 alternating runs, cold weights). Past the end
+// of a thread's tiles it names the next ones' bytes, or none: a prefetch never faults.
+constexpr int64_t PREFETCH_BYTES = 8 * TILE_BLOCK_BYTES;
+
 // out[r, c] for the ROWS rows of one chunk and the channels of tiles [t_begin, t_end).
 template <int ROWS>
 void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m, int64_t K, int shift,
@@ -177,9 +183,10 @@ void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
     __m512 acc[ROWS];
     for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
-    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F), high_nibbles = _mm512_set1_epi8(static_cast<char>(0xF0));
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* wb = wt + b * TILE_BLOCK_BYTES;
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(wb + PREFETCH_BYTES + 64 * j), _MM_HINT_T0);
       constexpr int C = chains<ROWS>();  // low and high nibbles in two dependency chains at one or two rows
       __m512i dot[ROWS][C];
       for (int r = 0; r < ROWS; ++r)
@@ -187,7 +194,10 @@ void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m
       for (int j = 0; j < 4; ++j) {
         const __m512i packed = _mm512_loadu_si512(wb + 64 * j);
         const __m512i lo = _mm512_and_si512(packed, low_nibbles);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+        // In their own chain (C == 2), the high nibbles stay in place (w & 0xF0 = 16 x the nibble) and their
+        // sum is scaled by 1/16 in float: exact (the int32 sums stay far below 2^24), one shift fewer a vector.
+        const __m512i hi = C == 2 ? _mm512_and_si512(packed, high_nibbles)
+                                  : _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
         for (int r = 0; r < ROWS; ++r) {
           const int8_t* xb = xq + r * K + b * BLOCK;
           dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo, _mm512_set1_epi32(four_bytes(xb + 4 * j)));
@@ -198,7 +208,9 @@ void int4_tile_rows(const uint8_t* w, const c10::Half* w_d, const c10::Half* w_m
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + g * TILE)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + g * TILE)));
       for (int r = 0; r < ROWS; ++r) {
-        const __m512 sums = _mm512_cvtepi32_ps(C == 2 ? _mm512_add_epi32(dot[r][0], dot[r][C - 1]) : dot[r][0]);
+        const __m512 sums = C == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][C - 1]), _mm512_set1_ps(1.f / 16),
+                                                     _mm512_cvtepi32_ps(dot[r][0]))
+                                   : _mm512_cvtepi32_ps(dot[r][0]);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(x_scale[r * blocks + b])), sums, acc[r]);
         acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x_scaled_sum[r * blocks + b]), acc[r]);
       }

@@ -78,6 +78,8 @@ ROWS = {
     "ours-int4-kv8": ("ours (torch.compile)", "int4 g32 (output int8), int8 KV cache", "ours", "bfloat16", "int4"),
     "ours-int8-saved": ("ours (saved compiled step)", "int8 per channel", "ours-saved", "bfloat16", "int8"),
     "ours-int4-saved": ("ours (saved compiled step)", "int4 g32 (output int8)", "ours-saved", "bfloat16", "int4"),
+    "ours-int4-output4-saved": ("ours (saved compiled step)", "int4 g32 (output int4, as Q4_0)", "ours-saved",
+                                "bfloat16", "int4-output_int4"),
     "ours-speculative-int8": ("ours, speculative (draft: int8 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     "ours-speculative-int4": ("ours, speculative (draft: int4 copy, k <= 3, adaptive)", "bfloat16", "ours", "bfloat16", None),
     **{f"ours-medusa-{tree}": (f"ours, Medusa ({tree})", "bfloat16", "ours", "bfloat16", None) for tree in NAMED_TREES},
@@ -112,6 +114,7 @@ SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int
              "ours-bf16-regional": "llamacpp-f16",
              "ours-int8-regional": "llamacpp-q8_0", "ours-int4-regional": "llamacpp-q4_0",
              "ours-bf16-saved": "llamacpp-f16", "ours-int8-saved": "llamacpp-q8_0", "ours-int4-saved": "llamacpp-q4_0",
+             "ours-int4-output4-saved": "llamacpp-q4_0",
              "ours-bf16-kv8": "llamacpp-f16", "ours-int4-kv8": "llamacpp-q4_0"}
 
 
