@@ -1005,36 +1005,39 @@ Weights weights_of(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c
   return w;
 }
 
-// A thread's copy of one input row: as float, and quantized in blocks of 32 for the integer kernels.
+// A thread's copy of a call's input rows: as float, and quantized in blocks of 32 for the integer kernels.
 struct RowInput {
   std::vector<float> x, scale, scaled_sum;
   std::vector<int8_t> q;
+  int64_t rows = 0;
   template <typename T>
-  void set(const T* row, int64_t K, bool quantized) {
-    x.resize(K);
-    for (int64_t i = 0; i < K; ++i) x[i] = static_cast<float>(row[i]);
+  void set(const T* input, int64_t input_rows, int64_t K, bool quantized) {
+    rows = input_rows;
+    x.resize(rows * K);
+    for (int64_t i = 0; i < rows * K; ++i) x[i] = static_cast<float>(input[i]);
     if (!quantized) return;
-    q.resize(K), scale.resize(K / BLOCK), scaled_sum.resize(K / BLOCK);
-    quantize_activations(x.data(), 1, K, q.data(), scale.data(), scaled_sum.data());
+    q.resize(rows * K), scale.resize(rows * K / BLOCK), scaled_sum.resize(rows * K / BLOCK);
+    quantize_activations(x.data(), rows, K, q.data(), scale.data(), scaled_sum.data());
   }
 };
 
-// out[c] for the channels of tiles [t_begin, t_end) of w times one input row
+// out[r, c] for every input row r and the channels c of tiles [t_begin, t_end) of w
 void run_tiles(const Weights& w, const RowInput& in, float* out, int64_t t_begin, int64_t t_end) {
+  const int64_t n_begin = t_begin * TILE, n_end = std::min(w.N, t_end * TILE);
   if (w.kind == 2) {
-    int4_tile_rows<1>(static_cast<const uint8_t*>(w.a), static_cast<const c10::Half*>(w.b),
-                      static_cast<const c10::Half*>(w.c), w.K, w.shift, in.q.data(), in.scale.data(),
-                      in.scaled_sum.data(), out, w.N, t_begin, t_end);
+    DISPATCH_ROWS(in.rows, int4_tile_rows, static_cast<const uint8_t*>(w.a), static_cast<const c10::Half*>(w.b),
+                  static_cast<const c10::Half*>(w.c), w.K, w.shift, in.q.data(), in.scale.data(),
+                  in.scaled_sum.data(), out, w.N, t_begin, t_end)
   } else if (w.kind == 1) {
-    int8_tile_rows<1>(static_cast<const int8_t*>(w.a), static_cast<const float*>(w.b), w.K, w.shift, in.q.data(),
-                      in.scale.data(), in.scaled_sum.data(), out, w.N, t_begin, t_end);
+    DISPATCH_ROWS(in.rows, int8_tile_rows, static_cast<const int8_t*>(w.a), static_cast<const float*>(w.b), w.K,
+                  w.shift, in.q.data(), in.scale.data(), in.scaled_sum.data(), out, w.N, t_begin, t_end)
+  } else if (w.dtype == at::kFloat) {
+    DISPATCH_ROWS(in.rows, float_rows, static_cast<const float*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end)
+  } else if (w.dtype == at::kBFloat16) {
+    DISPATCH_ROWS(in.rows, float_rows, static_cast<const c10::BFloat16*>(w.a), w.K, in.x.data(), out, w.N, n_begin,
+                  n_end)
   } else {
-    const int64_t n_begin = t_begin * TILE, n_end = std::min(w.N, t_end * TILE);
-    switch (w.dtype) {
-      case at::kFloat: float_rows<1>(static_cast<const float*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end); break;
-      case at::kBFloat16: float_rows<1>(static_cast<const c10::BFloat16*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end); break;
-      default: float_rows<1>(static_cast<const c10::Half*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end); break;
-    }
+    DISPATCH_ROWS(in.rows, float_rows, static_cast<const c10::Half*>(w.a), w.K, in.x.data(), out, w.N, n_begin, n_end)
   }
 }
 
@@ -1067,9 +1070,9 @@ at::Tensor block_qkv_typed(const at::Tensor& h, const at::Tensor& norm_weight, d
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
                            const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
                            const at::Tensor& sin, int64_t heads, int64_t kv_heads) {
-  const int64_t K = w.K, N = w.N, D = N / (heads + 2 * kv_heads);
-  TORCH_CHECK(D * (heads + 2 * kv_heads) == N && D % 2 == 0 && cos.numel() == D && sin.numel() == D,
-              "out_features must be (heads + 2 kv_heads) * head_dim, cos and sin [head_dim]");
+  const int64_t R = h.size(0), K = w.K, N = w.N, D = N / (heads + 2 * kv_heads);
+  TORCH_CHECK(D * (heads + 2 * kv_heads) == N && D % 2 == 0 && cos.numel() == R * D && sin.numel() == R * D,
+              "out_features must be (heads + 2 kv_heads) * head_dim, cos and sin [rows, head_dim]");
   const T* norm = data_or_null<T>(norm_weight, K);
   const T* bias_p = data_or_null<T>(bias, N);
   const T* q_norm_p = data_or_null<T>(q_norm, D);
@@ -1078,52 +1081,56 @@ at::Tensor block_qkv_typed(const at::Tensor& h, const at::Tensor& norm_weight, d
   const at::Tensor sin_c = sin.contiguous().to(c10::CppTypeToScalarType<T>::value);
   thread_local std::vector<float> h_float, out_float;
   thread_local std::vector<T> normed;
-  h_float.resize(K), normed.resize(K), out_float.resize(N);
+  h_float.resize(R * K), normed.resize(R * K), out_float.resize(R * N);
   const T* hp = h.data_ptr<T>();
-  for (int64_t i = 0; i < K; ++i) h_float[i] = static_cast<float>(hp[i]);
-  rms_norm(h_float.data(), norm, eps, K, normed.data());
+  for (int64_t i = 0; i < R * K; ++i) h_float[i] = static_cast<float>(hp[i]);
+  for (int64_t r = 0; r < R; ++r) rms_norm(h_float.data() + r * K, norm, eps, K, normed.data() + r * K);
   const T* x = normed.data();
   float* out = out_float.data();
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     thread_local RowInput in;
-    in.set(x, K, w.kind != 0);
+    in.set(x, R, K, w.kind != 0);
     const auto [t_begin, t_end] = share_of(w.tiles(), omp_get_thread_num(), omp_get_num_threads());
     run_tiles(w, in, out, t_begin, t_end);
   }
-  at::Tensor result = at::empty({1, N}, h.options());
+  at::Tensor result = at::empty({R, N}, h.options());
   T* y = result.data_ptr<T>();
-  for (int64_t i = 0; i < N; ++i) y[i] = static_cast<T>(bias_p ? rounded<T>(out[i]) + static_cast<float>(bias_p[i]) : out[i]);
-  const T* cp = cos_c.data_ptr<T>();
-  const T* sp = sin_c.data_ptr<T>();
+  for (int64_t i = 0; i < R * N; ++i)
+    y[i] = static_cast<T>(bias_p ? rounded<T>(out[i]) + static_cast<float>(bias_p[i % N]) : out[i]);
   thread_local std::vector<float> head;
   head.resize(D);
-  for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {  // q's heads, then k's: norm (Qwen3), then rope
-    T* row = y + hd * D;
-    const T* head_norm = hd < heads ? q_norm_p : k_norm_p;
-    for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
-    if (head_norm) {
-      rms_norm(head.data(), head_norm, qk_eps, D, row);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* cp = cos_c.data_ptr<T>() + r * D;
+    const T* sp = sin_c.data_ptr<T>() + r * D;
+    for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {  // q's heads, then k's: norm (Qwen3), then rope
+      T* row = y + r * N + hd * D;
+      const T* head_norm = hd < heads ? q_norm_p : k_norm_p;
       for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
-    }
-    const int64_t half = D / 2;  // HF's rotate_half: x cos + (-x2, x1) sin
-    for (int64_t d = 0; d < D; ++d) {
-      const float rotated = d < half ? -head[d + half] : head[d - half];
-      row[d] = static_cast<T>(head[d] * static_cast<float>(cp[d]) + rotated * static_cast<float>(sp[d]));
+      if (head_norm) {
+        rms_norm(head.data(), head_norm, qk_eps, D, row);
+        for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
+      }
+      const int64_t half = D / 2;  // HF's rotate_half: x cos + (-x2, x1) sin
+      for (int64_t d = 0; d < D; ++d) {
+        const float rotated = d < half ? -head[d + half] : head[d - half];
+        row[d] = static_cast<T>(head[d] * static_cast<float>(cp[d]) + rotated * static_cast<float>(sp[d]));
+      }
     }
   }
   return result;
 }
 
-// The input row h [1, K] normed, times the qkv weights (+ bias), q's and k's heads normed (Qwen3) and rotated.
+// The rows h [R, K] (R <= 8) normed, times the qkv weights (+ bias), q's and k's heads normed (Qwen3) and
+// rotated by each row's cos and sin [R, head_dim].
 at::Tensor block_qkv(const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& a,
                      const at::Tensor& b, const at::Tensor& c, int64_t kind, int64_t groupsize, int64_t out_features,
                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
                      const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
                      const at::Tensor& sin, int64_t heads, int64_t kv_heads) {
   const at::Tensor h = h_in.contiguous();
-  TORCH_CHECK(h.numel() == h.size(-1), "block_qkv takes one row");
-  const Weights w = weights_of(a, b, c, kind, groupsize, h.size(-1), out_features);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(0) <= MAX_ROWS, "block_qkv takes h [rows <= 8, dim]");
+  const Weights w = weights_of(a, b, c, kind, groupsize, h.size(1), out_features);
   switch (h.scalar_type()) {
     case at::kFloat: return block_qkv_typed<float>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
     case at::kBFloat16: return block_qkv_typed<c10::BFloat16>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
@@ -1136,10 +1143,10 @@ template <typename T>
 at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight, double eps,
                             const Weights& w1, const Weights& w3, const Weights& w2) {
-  const int64_t dim = wo.N, H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2), inter = w1.N;
-  const int64_t group = H / KVH;
+  const int64_t R = h.size(0), dim = wo.N, H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2);
+  const int64_t inter = w1.N, group = H / KVH, mask_rows = mask.numel() / L;
   const T* hp = h.data_ptr<T>();
-  const T* qp = q.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();  // [1, H, R, D]
   const T* kp = k.data_ptr<T>();  // the cache's first sequence: this op decodes a batch of one
   const T* vp = v.data_ptr<T>();
   const bool* mp = mask.data_ptr<bool>();
@@ -1147,8 +1154,8 @@ at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::
   const WeightedRows<T> weighted = weighted_rows_for<T>(D);
   thread_local std::vector<T> attended, activated, residual;  // shared by the threads, each writing its part
   thread_local std::vector<float> wo_out, gate, up, w2_out;
-  attended.resize(H * D), activated.resize(inter), residual.resize(dim);
-  wo_out.resize(dim), gate.resize(inter), up.resize(inter), w2_out.resize(dim);
+  attended.resize(R * H * D), activated.resize(R * inter), residual.resize(R * dim);
+  wo_out.resize(R * dim), gate.resize(R * inter), up.resize(R * inter), w2_out.resize(R * dim);
   T *att = attended.data(), *act = activated.data(), *h2 = residual.data();
   float *wo_p = wo_out.data(), *gate_p = gate.data(), *up_p = up.data(), *w2_p = w2_out.data();
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -1157,58 +1164,60 @@ at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::
     thread_local RowInput in;
     thread_local std::vector<float> h2_float;
     thread_local std::vector<T> normed;
-    const auto [h_begin, h_end] = share_of(H, thread, threads);
-    for (int64_t hd = h_begin; hd < h_end; ++hd) {
-      const int64_t kv = (hd / group) * L * D;
-      attend_row(qp + hd * D, kp + kv, vp + kv, mp, L, D, weighted, att + hd * D);
+    const auto [a_begin, a_end] = share_of(H * R, thread, threads);
+    for (int64_t i = a_begin; i < a_end; ++i) {  // (head, row) pairs; out as wo takes it: [R, H * D]
+      const int64_t hd = i / R, r = i % R, kv = (hd / group) * L * D;
+      attend_row(qp + i * D, kp + kv, vp + kv, mp + (mask_rows == 1 ? 0 : r * L), L, D, weighted,
+                 att + r * H * D + hd * D);
     }
 #pragma omp barrier
-    in.set(att, H * D, wo.kind != 0);
+    in.set(att, R, H * D, wo.kind != 0);
     const auto [o_begin, o_end] = share_of(wo.tiles(), thread, threads);
     run_tiles(wo, in, wo_p, o_begin, o_end);
 #pragma omp barrier
-    h2_float.resize(dim), normed.resize(dim);  // every thread: the residual and its norm, for its own input
-    for (int64_t i = 0; i < dim; ++i) h2_float[i] = rounded<T>(static_cast<float>(hp[i]) + rounded<T>(wo_p[i]));
+    h2_float.resize(R * dim), normed.resize(R * dim);  // every thread: the residual and its norm, for its input
+    for (int64_t i = 0; i < R * dim; ++i) h2_float[i] = rounded<T>(static_cast<float>(hp[i]) + rounded<T>(wo_p[i]));
     if (thread == 0)
-      for (int64_t i = 0; i < dim; ++i) h2[i] = static_cast<T>(h2_float[i]);
-    rms_norm(h2_float.data(), norm, eps, dim, normed.data());
-    in.set(normed.data(), dim, w1.kind != 0);
+      for (int64_t i = 0; i < R * dim; ++i) h2[i] = static_cast<T>(h2_float[i]);
+    for (int64_t r = 0; r < R; ++r) rms_norm(h2_float.data() + r * dim, norm, eps, dim, normed.data() + r * dim);
+    in.set(normed.data(), R, dim, w1.kind != 0);
     const auto [g_begin, g_end] = share_of(w1.tiles(), thread, threads);
     run_tiles(w1, in, gate_p, g_begin, g_end);
     run_tiles(w3, in, up_p, g_begin, g_end);
     const int64_t c0 = std::min(inter, g_begin * TILE), count = std::min(inter, g_end * TILE) - c0;
-    silu_times(gate_p + c0, up_p + c0, act + c0, count);
+    for (int64_t r = 0; r < R; ++r)
+      silu_times(gate_p + r * inter + c0, up_p + r * inter + c0, act + r * inter + c0, count);
 #pragma omp barrier
-    in.set(act, inter, w2.kind != 0);
+    in.set(act, R, inter, w2.kind != 0);
     const auto [d_begin, d_end] = share_of(w2.tiles(), thread, threads);
     run_tiles(w2, in, w2_p, d_begin, d_end);
   }
-  at::Tensor result = at::empty({1, dim}, h.options());
+  at::Tensor result = at::empty({R, dim}, h.options());
   T* y = result.data_ptr<T>();
-  for (int64_t i = 0; i < dim; ++i) y[i] = static_cast<T>(static_cast<float>(h2[i]) + rounded<T>(w2_p[i]));
+  for (int64_t i = 0; i < R * dim; ++i) y[i] = static_cast<T>(static_cast<float>(h2[i]) + rounded<T>(w2_p[i]));
   return result;
 }
 
-// The rest of the block after the cache write, for one row h [1, dim] and its rotated q [1, H, 1, D]:
-// attention over the cache's first sequence k, v [B, KVH, L, D] where mask [.., L] allows, wo, the residual,
-// the norm, silu(w1 x) * (w3 x), w2 and the residual again.
+// The rest of the block after the cache write, for the rows h [R, dim] (R <= 8) and their rotated q [1, H, R, D]:
+// attention over the cache's first sequence k, v [B, KVH, L, D] where each row's mask [.., R or 1, L] allows,
+// wo, the residual, the norm, silu(w1 x) * (w3 x), w2 and the residual again.
 at::Tensor block_rest(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& mask, const at::Tensor& wo_a, const at::Tensor& wo_b, const at::Tensor& wo_c,
+                      const at::Tensor& mask_in, const at::Tensor& wo_a, const at::Tensor& wo_b, const at::Tensor& wo_c,
                       int64_t wo_kind, int64_t wo_groupsize, const at::Tensor& norm_weight, double eps,
                       const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w1_c, const at::Tensor& w3_a,
                       const at::Tensor& w3_b, const at::Tensor& w3_c, int64_t ffn_kind, int64_t ffn_groupsize,
                       int64_t intermediate, const at::Tensor& w2_a, const at::Tensor& w2_b, const at::Tensor& w2_c,
                       int64_t w2_kind, int64_t w2_groupsize) {
   const at::Tensor h = h_in.contiguous(), q = q_in.contiguous();
-  TORCH_CHECK(h.numel() == h.size(-1) && q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1,
-              "block_rest takes one row: h [1, dim], q [1, H, 1, D]");
+  const at::Tensor mask = mask_in.to(at::kBool).contiguous();
+  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(0) <= MAX_ROWS && q.dim() == 4 && q.size(0) == 1
+              && q.size(2) == h.size(0), "block_rest takes h [rows <= 8, dim] and q [1, H, rows, D]");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.is_contiguous() && v.is_contiguous()
               && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0, "k and v caches [B, KVH, L, D], contiguous");
   TORCH_CHECK(q.scalar_type() == h.scalar_type() && k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(),
               "h, q and the caches must have one dtype");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == k.size(2) && mask.is_contiguous(),
-              "mask must be one contiguous bool row [.., L]");
-  const int64_t dim = h.size(-1), attended = q.size(1) * q.size(3);
+  TORCH_CHECK(mask.numel() == k.size(2) || mask.numel() == h.size(0) * k.size(2), "mask must be [.., rows or 1, L]");
+  const int64_t dim = h.size(1), attended = q.size(1) * q.size(3);
   const Weights wo = weights_of(wo_a, wo_b, wo_c, wo_kind, wo_groupsize, attended, dim);
   const Weights w1 = weights_of(w1_a, w1_b, w1_c, ffn_kind, ffn_groupsize, dim, intermediate);
   const Weights w3 = weights_of(w3_a, w3_b, w3_c, ffn_kind, ffn_groupsize, dim, intermediate);

@@ -79,8 +79,8 @@ if hasattr(torch.library, "register_fake"):
             lambda x, gate_tiles, gate_d, gate_m, up_tiles, up_d, up_m, groupsize, out_features:
             x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::block_qkv")(
-            lambda h, norm_weight, eps, a, b, c, kind, groupsize, out_features, *rest: h.new_empty(1, out_features))
-        torch.library.register_fake("gptfast_cpu::block_rest")(lambda h, *rest: h.new_empty(1, h.shape[-1]))
+            lambda h, norm_weight, eps, a, b, c, kind, groupsize, out_features, *rest: h.new_empty(h.shape[0], out_features))
+        torch.library.register_fake("gptfast_cpu::block_rest")(lambda h, *rest: h.new_empty(h.shape))
         torch.library.register_fake("gptfast_cpu::float_gated_linear")(
             lambda x, gate_weight, up_weight: x.new_empty(x.shape[0], gate_weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask: q.new_empty(q.shape))  # contiguous

@@ -197,17 +197,19 @@ def float_paths_summary(models: list) -> list:
 
 
 class DecodeBlock(TransformerBlock):
-    """A transformer block whose decoded token (a batch of one, under compile on CPU) may take two native calls,
-    cpu_ops.cpp's block_qkv (norm, qkv, q/k norms, rope) and block_rest (attention, wo, residual, norm, gate and
-    up, down, residual), around the cache write, where the module path makes ~8 calls, each a dispatcher trip and
-    an OpenMP fork and join. Taken where choose_block_paths measured it faster (`native`); anything else (eager,
-    prompts, verification, layers it cannot take: hooks, activation rounding, a float weight of another dtype)
-    is the module path."""
+    """A transformer block whose decoded token, or verified drafts (1-8 rows of a batch of one, under compile on
+    CPU), may take two native calls, cpu_ops.cpp's block_qkv (norm, qkv, q/k norms, rope) and block_rest
+    (attention, wo, residual, norm, gate and up, down, residual), around the cache write, where the module path
+    makes ~8 calls, each a dispatcher trip and an OpenMP fork and join. Taken for the numbers of rows where
+    choose_block_paths measured it faster (`native_rows`); anything else (eager, prompts, batches, layers it
+    cannot take: hooks, activation rounding, an int8 KV cache) is the module path."""
 
-    native: bool = False
+    native_rows: frozenset = frozenset()
 
     def forward(self, x, rope, mask, cache_pos):
-        if self.native and torch.compiler.is_compiling() and x.shape[0] * x.shape[1] == 1 and mask.shape[2] == 1:
+        rows = x.shape[1]
+        if (rows in self.native_rows and x.shape[0] == 1 and torch.compiler.is_compiling()
+                and mask.shape[2] in (1, rows)):
             return self.native_forward(x, rope, mask, cache_pos)
         return super().forward(x, rope, mask, cache_pos)
 
@@ -227,17 +229,18 @@ class DecodeBlock(TransformerBlock):
     def native_forward(self, x, rope, mask, cache_pos):
         attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
         wqkv, wo, w1, w3, w2 = self.linears()
-        h = x.reshape(1, -1)
+        rows = x.shape[1]
+        h = x.reshape(rows, -1)
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         bias = None if wqkv.bias is None else wqkv.bias.to(x.dtype)
         qkv = ops.block_qkv(h, self.attention_norm.weight, self.attention_norm.eps, *wqkv.native_weights(),
                             wqkv.out_features, bias, q_norm.weight if q_norm else None,
-                            k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, rope[0].reshape(-1),
-                            rope[1].reshape(-1), attention.n_head, attention.n_local_heads)
+                            k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, rope[0], rope[1],
+                            attention.n_head, attention.n_local_heads)
         heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        q = q.view(1, heads, 1, head_dim)
-        k, v = k.view(1, kv_heads, 1, head_dim), v.view(1, kv_heads, 1, head_dim)
+        q = q.view(1, rows, heads, head_dim).transpose(1, 2)
+        k, v = (t.view(1, rows, kv_heads, head_dim).transpose(1, 2) for t in (k, v))
         k_cache, v_cache = attention.kv_cache.update(cache_pos, k, v)
         ffn_weights = w1.native_weights()
         out = ops.block_rest(h, q, k_cache, v_cache, mask, *wo.native_weights(), self.ffn_norm.weight,
@@ -253,71 +256,79 @@ class RegionBlock(DecodeBlock):
     forward = torch.compiler.nested_compile_region(DecodeBlock.forward)
 
 
-BLOCK_TIMING_CACHE = 64  # cache slots of the timed block (20 attended): the fixed costs are what differ
+BLOCK_TIMING_CACHE = 64  # cache slots of the timed block (16-23 attended): the fixed costs are what differ
+BLOCK_TIMED_ROWS = (1, 4)  # one decoded token; a verification (4 stands for 2-8: each would be two compiles)
 
 
-def block_key(block: DecodeBlock, dtype) -> str:
+def block_key(block: DecodeBlock, dtype, rows: int) -> str:
     def kind(module):
         a, _, _, kind, groupsize = module.native_weights()
         name = {0: str(a.dtype).removeprefix("torch."), 1: f"int8 g{groupsize}", 2: f"int4 g{groupsize}"}[kind]
         return f"{name} {module.out_features}x{module.in_features}"
     attention = block.attention
     return (f"block {', '.join(kind(m) for m in block.linears())} heads {attention.n_head}x"
-            f"{attention.n_local_heads}x{attention.head_dim} {str(dtype).removeprefix('torch.')} rows 1 compiled")
+            f"{attention.n_local_heads}x{attention.head_dim} {str(dtype).removeprefix('torch.')} rows {rows} compiled")
 
 
 @torch.no_grad()
 def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
-    """Per block kind (its layers' kinds and shapes, heads, dtype), whether one decoded token takes the two
-    native calls: a one-block decode timed compiled both ways (each product on its own measured path in the
-    other), with a cache of its own. Call after the other paths are chosen."""
-    from model import KVCache
-
+    """Per block kind (its layers' kinds and shapes, heads, dtype), the numbers of rows that take the two native
+    calls: a one-block step of 1 row and of 4 (standing for 2-8) timed compiled both ways, in turns (each product
+    on its own measured path in the other), with a cache of its own. Call after the other paths are chosen."""
     for model in models:
-        blocks = [m for m in model.modules() if isinstance(m, DecodeBlock)]
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        for block in blocks:
-            block.native = False
+        for block in (m for m in model.modules() if isinstance(m, DecodeBlock)):
+            block.native_rows = frozenset()
             if not block.can_take_native():
                 continue
-            key = block_key(block, dtype)
-            if key not in choices.choices:
-                attention = block.attention
-                kept_cache = attention.kv_cache
-                attention.kv_cache = KVCache(1, BLOCK_TIMING_CACHE, attention.n_local_heads, attention.head_dim, dtype)
-                x = torch.randn(1, 1, model.args.dim, dtype=dtype)
-                rope = tuple(torch.randn(1, attention.head_dim, dtype=dtype) for _ in range(2))
-                mask = torch.zeros(1, 1, 1, BLOCK_TIMING_CACHE, dtype=torch.bool)
-                mask[..., :20] = True
-                position = torch.tensor([19])
-
-                def run(native, x, cos, sin, mask, position):
-                    block.native = native
-                    return DecodeBlock.forward(block, x, (cos, sin), mask, position)
-
-                try:
-                    times = cpu_ops.time_compiled_alternately(
-                        {"module path": lambda *inputs: run(False, *inputs),
-                         "two calls": lambda *inputs: run(True, *inputs)}, x, *rope, mask, position)
-                finally:
-                    attention.kv_cache = kept_cache
-                choices.choose(key, {name: (lambda us=us: us) for name, us in times.items()})
-            block.native = choices.choices[key]["path"] == "two calls"
+            native_rows = set()
+            for rows in BLOCK_TIMED_ROWS:
+                key = block_key(block, dtype, rows)
+                if key not in choices.choices:
+                    times = time_block(block, dtype, rows)
+                    choices.choose(key, {name: (lambda us=us: us) for name, us in times.items()})
+                if choices.choices[key]["path"] == "two calls":
+                    native_rows |= {1} if rows == 1 else set(range(2, DecodeLinear.MAX_ROWS + 1))
+            block.native_rows = frozenset(native_rows)
     choices.save()
 
 
+def time_block(block: DecodeBlock, dtype, rows: int) -> dict:
+    """{"module path": us, "two calls": us}: `block` compiled alone both ways for `rows` rows at positions 16
+    on, its cache swapped for a small one of its own while timed."""
+    from model import KVCache
+
+    attention = block.attention
+    kept_cache, kept_rows = attention.kv_cache, block.native_rows
+    attention.kv_cache = KVCache(1, BLOCK_TIMING_CACHE, attention.n_local_heads, attention.head_dim, dtype)
+    x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
+    rope = tuple(torch.randn(rows, attention.head_dim, dtype=dtype) for _ in range(2))
+    position = torch.arange(16, 16 + rows)
+    mask = torch.ones(BLOCK_TIMING_CACHE, BLOCK_TIMING_CACHE, dtype=torch.bool).tril()[None, None, position]
+
+    def run(native, x, cos, sin, mask, position):
+        block.native_rows = frozenset({rows}) if native else frozenset()
+        return DecodeBlock.forward(block, x, (cos, sin), mask, position)
+
+    try:
+        return cpu_ops.time_compiled_alternately(
+            {"module path": lambda *inputs: run(False, *inputs), "two calls": lambda *inputs: run(True, *inputs)},
+            x, *rope, mask, position)
+    finally:
+        attention.kv_cache, block.native_rows = kept_cache, kept_rows
+
+
 def block_paths_summary(models: list) -> list:
+    """One line per block kind that can take the two native calls: the numbers of rows that take them."""
     lines = {}
     for model in models:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         for block in (m for m in model.modules() if isinstance(m, DecodeBlock) and m.can_take_native()):
-            key = block_key(block, dtype)
-            lines.setdefault(key, f"{key.removesuffix(' rows 1 compiled')}: "
-                                  f"{'two native calls' if block.native else 'module path'} (1 row)")
+            key = block_key(block, dtype, 1).removesuffix(" rows 1 compiled")
+            buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))  # the last: every longer input
+            paths = {r: "two native calls" if r in block.native_rows else "module path" for r in buckets}
+            lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(paths, buckets)}")
     return list(lines.values())
-
-
-COMPILE_MODES = ("regional", "whole")
 
 
 def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "whole"):

@@ -431,9 +431,9 @@ BLOCK_LINEARS = [("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w
                  ("feed_forward", "w2")]
 
 
-def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32):
+def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32, rows=1):
     """The last block of a tiny `family` model in `dtype`, its products float or quantized as `kind` (each on
-    the native kernel), with a cache of random entries; and the rope and mask of position 9."""
+    the native kernel), with a cache of random entries; and the rope and mask of `rows` positions from 9."""
     import generate
 
     model = generate.load_model(tiny_models[family][2], "cpu", dtype)
@@ -447,7 +447,7 @@ def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32):
     torch.manual_seed(0)
     for cache in block.attention.kv_cache.buffers():
         cache.normal_()
-    position = torch.tensor([9])
+    position = torch.arange(9, 9 + rows)
     rope = (model.rope_cos[position].to(dtype), model.rope_sin[position].to(dtype))
     mask = model.causal_mask[None, None, position]
     if block.attention.sliding:
@@ -459,18 +459,20 @@ def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kind", ["float", "int8 per channel", "int4 g32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, family, kind, dtype, tmp_path):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, family, kind, dtype, rows, tmp_path):
     """block_qkv and block_rest (norms, qkv with Qwen2's bias, Qwen3's q/k norms, rope, GQA attention over the
-    cache, a sliding window, wo, the gated feed-forward, both residuals) against the block's own modules:
-    the same output and the same entries written to the cache (float32 to rounding, bfloat16 to its ulp)."""
-    block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path)
+    cache with each row's causal mask, a sliding window, wo, the gated feed-forward, both residuals), for one
+    decoded token and for 3 verified ones, against the block's own modules: the same output and the same
+    entries written to the cache (float32 to rounding, bfloat16 to its ulp)."""
+    block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path, rows=rows)
     assert block.can_take_native()
-    x = torch.randn(1, 1, block.attention_norm.weight.shape[0], dtype=dtype)
+    x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
     cache = block.attention.kv_cache
     before = [buffer.clone() for buffer in cache.buffers()]
     with torch.no_grad():
         reference = kernels.TransformerBlock.forward(block, x, rope, mask, position)
-        written = [buffer[:, :, 9].clone() for buffer in cache.buffers()]
+        written = [buffer[:, :, position].clone() for buffer in cache.buffers()]
         for buffer, kept in zip(cache.buffers(), before):
             buffer.copy_(kept)
         out = block.native_forward(x, rope, mask, position)
@@ -478,8 +480,8 @@ def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, famil
     assert out.shape == reference.shape and out.dtype == dtype
     assert relative_error(out, reference) < tolerance
     for buffer, expected in zip(cache.buffers(), written):
-        assert relative_error(buffer[:, :, 9], expected) < tolerance
-    others = [i for i in range(buffer.shape[2]) if i != 9]
+        assert relative_error(buffer[:, :, position], expected) < tolerance
+    others = [i for i in range(buffer.shape[2]) if i not in position.tolist()]
     assert all(torch.equal(buffer[:, :, others], kept[:, :, others]) for buffer, kept in zip(cache.buffers(), before))
 
 
@@ -494,39 +496,45 @@ def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_
     model.args = type("Args", (), {"dim": block.attention_norm.weight.shape[0]})()
     choices = cpu_ops.KernelChoices(tmp_path / "block.json")
     kernels.choose_block_paths([model], choices)
-    key = kernels.block_key(block, torch.float32)
-    assert choices.choices[key]["path"] in ("two calls", "module path")
-    assert set(choices.choices[key]["us"]) == {"two calls", "module path"}
-    assert block.native == (choices.choices[key]["path"] == "two calls")
-    line = f"{key.removesuffix(' rows 1 compiled')}: {'two native calls' if block.native else 'module path'} (1 row)"
-    assert kernels.block_paths_summary([model]) == [line]
+    for rows in (1, 4):
+        key = kernels.block_key(block, torch.float32, rows)
+        assert choices.choices[key]["path"] in ("two calls", "module path")
+        assert set(choices.choices[key]["us"]) == {"two calls", "module path"}
+        assert (rows in block.native_rows) == (choices.choices[key]["path"] == "two calls")
+    assert (2 in block.native_rows) == (8 in block.native_rows) == (4 in block.native_rows)
+    assert 9 not in block.native_rows
+    assert kernels.block_paths_summary([model])[0].startswith(key.removesuffix(" rows 4 compiled") + ": ")
 
-    block.native = True
-    x = torch.randn(1, 1, model.args.dim)
-    cache = block.attention.kv_cache
-    before = [buffer.clone() for buffer in cache.buffers()]
-    with torch.no_grad():
-        expected = kernels.TransformerBlock.forward(block, x, rope, mask, position)
-        written = [buffer[:, :, 9].clone() for buffer in cache.buffers()]
-        for buffer, kept in zip(cache.buffers(), before):
-            buffer.copy_(kept)
-        compiled = torch.compile(lambda *inputs: block(*inputs), fullgraph=True, dynamic=False)
-        out = compiled(x, rope, mask, position)
-    assert relative_error(out, expected) < 1e-5
-    assert all(relative_error(buffer[:, :, 9], row) < 1e-5 for buffer, row in zip(cache.buffers(), written))
-    assert not torch.equal(written[0], before[0][:, :, 9])
-    graphs = []
+    for rows in (1, 3):  # a decoded token, a verification of 3
+        block, rope, mask, position = native_block(tiny_models, "qwen3", "int4 g32", torch.float32, tmp_path,
+                                                   rows=rows)
+        block.native_rows = frozenset({rows})
+        x = torch.randn(1, rows, model.args.dim)
+        cache = block.attention.kv_cache
+        before = [buffer.clone() for buffer in cache.buffers()]
+        with torch.no_grad():
+            expected = kernels.TransformerBlock.forward(block, x, rope, mask, position)
+            written = [buffer[:, :, position].clone() for buffer in cache.buffers()]
+            for buffer, kept in zip(cache.buffers(), before):
+                buffer.copy_(kept)
+            compiled = torch.compile(lambda *inputs: block(*inputs), fullgraph=True, dynamic=False)
+            out = compiled(x, rope, mask, position)
+        assert relative_error(out, expected) < 1e-5
+        assert all(relative_error(buffer[:, :, position], row) < 1e-5 for buffer, row in zip(cache.buffers(), written))
+        assert not torch.equal(written[0], before[0][:, :, position])
+        graphs = []
 
-    def recording(graph_module, inputs):
-        graphs.append(str(graph_module.graph))
-        return graph_module.forward
+        def recording(graph_module, inputs):
+            graphs.append(str(graph_module.graph))
+            return graph_module.forward
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(lambda *inputs: block(*inputs), fullgraph=True, backend=recording)(x, rope, mask, position)
-    assert "block_qkv" in graphs[0] and "block_rest" in graphs[0] and "int4_linear" not in graphs[0]
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(lambda *inputs: block(*inputs), fullgraph=True, backend=recording)(x, rope, mask, position)
+        assert "block_qkv" in graphs[0] and "block_rest" in graphs[0] and "int4_linear" not in graphs[0]
 
+    model.layers = torch.nn.ModuleList([block])
     block.feed_forward.w2.register_forward_hook(lambda module, inputs, output: output)
     assert not block.can_take_native()
     kernels.choose_block_paths([model], choices)
-    assert not block.native and kernels.block_paths_summary([model]) == []
+    assert not block.native_rows and kernels.block_paths_summary([model]) == []
