@@ -331,6 +331,9 @@ def block_paths_summary(models: list) -> list:
     return list(lines.values())
 
 
+COMPILE_MODES = ("regional", "whole")
+
+
 def use_decode_kernels(models: list, device, choose: bool = True, mode: str = "whole"):
     """Set up `models` (target, draft, Medusa heads) and inductor for a compiled decode on `device`; with
     `choose`, each float linear's one-token path is the faster of two on this machine (choose_float_paths).
