@@ -455,6 +455,23 @@ def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32, ro
     return block, rope, mask, position
 
 
+def module_path_and(run, block, x, rope, mask, position):
+    """(the block's module path output, the cache rows it wrote, run(x, rope, mask, position)'s output) with the
+    cache as it was before each."""
+    cache = block.attention.kv_cache
+    before = [buffer.clone() for buffer in cache.buffers()]
+    with torch.no_grad():
+        reference = kernels.TransformerBlock.forward(block, x, rope, mask, position)
+        written = [buffer[:, :, position].clone() for buffer in cache.buffers()]
+        for buffer, kept in zip(cache.buffers(), before):
+            buffer.copy_(kept)
+        out = run(x, rope, mask, position)
+    others = [i for i in range(before[0].shape[2]) if i not in position.tolist()]
+    assert all(torch.equal(buffer[:, :, others], kept[:, :, others]) for buffer, kept in zip(cache.buffers(), before))
+    assert not torch.equal(written[0], before[0][:, :, position])
+    return reference, written, out
+
+
 @native
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kind", ["float", "int8 per channel", "int4 g32"])
@@ -468,21 +485,12 @@ def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, famil
     block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path, rows=rows)
     assert block.can_take_native()
     x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
-    cache = block.attention.kv_cache
-    before = [buffer.clone() for buffer in cache.buffers()]
-    with torch.no_grad():
-        reference = kernels.TransformerBlock.forward(block, x, rope, mask, position)
-        written = [buffer[:, :, position].clone() for buffer in cache.buffers()]
-        for buffer, kept in zip(cache.buffers(), before):
-            buffer.copy_(kept)
-        out = block.native_forward(x, rope, mask, position)
+    reference, written, out = module_path_and(block.native_forward, block, x, rope, mask, position)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert out.shape == reference.shape and out.dtype == dtype
     assert relative_error(out, reference) < tolerance
-    for buffer, expected in zip(cache.buffers(), written):
+    for buffer, expected in zip(block.attention.kv_cache.buffers(), written):
         assert relative_error(buffer[:, :, position], expected) < tolerance
-    others = [i for i in range(buffer.shape[2]) if i not in position.tolist()]
-    assert all(torch.equal(buffer[:, :, others], kept[:, :, others]) for buffer, kept in zip(cache.buffers(), before))
 
 
 @native
@@ -510,18 +518,11 @@ def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_
                                                    rows=rows)
         block.native_rows = frozenset({rows})
         x = torch.randn(1, rows, model.args.dim)
-        cache = block.attention.kv_cache
-        before = [buffer.clone() for buffer in cache.buffers()]
-        with torch.no_grad():
-            expected = kernels.TransformerBlock.forward(block, x, rope, mask, position)
-            written = [buffer[:, :, position].clone() for buffer in cache.buffers()]
-            for buffer, kept in zip(cache.buffers(), before):
-                buffer.copy_(kept)
-            compiled = torch.compile(lambda *inputs: block(*inputs), fullgraph=True, dynamic=False)
-            out = compiled(x, rope, mask, position)
+        compiled = torch.compile(lambda *inputs: block(*inputs), fullgraph=True, dynamic=False)
+        expected, written, out = module_path_and(compiled, block, x, rope, mask, position)
         assert relative_error(out, expected) < 1e-5
-        assert all(relative_error(buffer[:, :, position], row) < 1e-5 for buffer, row in zip(cache.buffers(), written))
-        assert not torch.equal(written[0], before[0][:, :, position])
+        assert all(relative_error(buffer[:, :, position], row) < 1e-5
+                   for buffer, row in zip(block.attention.kv_cache.buffers(), written))
         graphs = []
 
         def recording(graph_module, inputs):
