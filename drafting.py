@@ -362,6 +362,7 @@ class MedusaDrafter:
         self.length = DraftLength(tree.depth, adaptive=False)  # the tree is one compiled shape: always all of it
 
     def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
+        self.tree = self.tree.to(last_hidden.device)  # built on the CPU (parse_tree); verified where the model is
         self.head_logits = propose(self.heads, last_hidden[0])
 
     def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int,

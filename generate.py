@@ -447,7 +447,7 @@ def load_drafter(args, model: Transformer, tokenizer: Tokenizer, device, shard):
         if not args.medusa_checkpoint_path.exists():
             raise UsageError(f"Medusa heads {args.medusa_checkpoint_path} not found; train them with scripts/train_medusa.py")
         try:
-            tree = parse_tree(args.medusa_choices).to(device)
+            tree = parse_tree(args.medusa_choices)
         except ValueError as error:
             raise UsageError(str(error)) from None
         heads = load_medusa_heads(args.medusa_checkpoint_path, model.args, model.output).to(device=device, dtype=dtype)

@@ -37,12 +37,16 @@ GROUP_SIZES = (32, 64, 128, 256)
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def kernel_dtype(dtype):
-    return dtype if dtype in CPU_KERNEL_DTYPES else torch.bfloat16
+# CUDA's int4 kernel (tinygemm) takes bfloat16 activations and scales only.
+CUDA_INT4_INNER_K_TILES = (8, 4, 2)  # its packed layout's tiles of 16 inputs: the widest that divides K
+
+
+def kernel_dtype(dtype, device_type: str = "cpu"):
+    return dtype if device_type == "cpu" and dtype in CPU_KERNEL_DTYPES else torch.bfloat16
 
 
 def kernel_input(x: Tensor) -> Tensor:
-    return x if x.device.type != "cpu" or x.dtype in CPU_KERNEL_DTYPES else x.to(torch.bfloat16)
+    return x if x.dtype == kernel_dtype(x.dtype, x.device.type) else x.to(torch.bfloat16)
 
 
 # ---------------------------------------------------------------- the math
@@ -227,7 +231,9 @@ class Int8Linear(nn.Module):
         if path == "dequant":
             # float32 dequantization rounded once: the product equals the float model's on the same weights.
             return F.linear(x, dequantize_int8(self.plain_weight(), self.scales).to(x.dtype))
-        # CUDA: inductor fuses the dequantization into the matmul's prologue
+        # CUDA: inductor fuses the dequantization into the matmul's prologue (group scales: into the weights)
+        if self.groupsize:
+            return F.linear(x, dequantize_int8(self.weight, self.scales).to(x.dtype))
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def native_weights(self):
@@ -275,13 +281,21 @@ class Int4Linear(nn.Module):
         scales, zeros = self.scales, self.zeros
         del self.weight, self.scales, self.zeros  # the packed copies replace them
         # The ATen kernels take [groups, out_features, 2] (scale, zero) in the activations' dtype.
-        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(kernel_dtype(dtype))
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(kernel_dtype(dtype, q.device.type)),
+                             persistent=False)
         if q.device.type != "cpu":  # CUDA wants [N, K/2] bytes with the even column in the high nibble, then tiles
-            high_low = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(high_low.contiguous(), 8),
-                                 persistent=False)
             self.paths = {}
+            inner_k_tiles = [t for t in CUDA_INT4_INNER_K_TILES if self.in_features % (16 * t) == 0]
+            if not inner_k_tiles or self.out_features % 8:  # a shape tinygemm cannot tile: the dequantized weights
+                self.register_buffer("dequantized", dequantize_int4(q, scales, zeros, self.groupsize).to(dtype),
+                                     persistent=False)
+                del self.scales_and_zeros
+                return
+            high_low = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(high_low.contiguous(),
+                                                                                      inner_k_tiles[0]),
+                                 persistent=False)
             return
         # (The CPU layout changed in torch 2.5; this is the newer one.)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
@@ -311,6 +325,8 @@ class Int4Linear(nn.Module):
     def run_path(self, path: str, x: Tensor) -> Tensor:
         if path == "native":
             return cpu_ops.ops().int4_linear(x, self.tiles, self.tile_d, self.tile_m, self.groupsize, self.out_features)
+        if hasattr(self, "dequantized"):
+            return F.linear(x, self.dequantized.to(x.dtype))
         x2 = kernel_input(x)
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)

