@@ -46,6 +46,10 @@ template <>
 inline __m256 load_float8<c10::Half>(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+template <>
+inline __m256 load_float8<int8_t>(const int8_t* p) {  // an int8 KV cache's entries (its scales applied apart)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
 
 // x [rows, K] (float, bfloat16 or float16) -> q int8 [rows, K], scale [rows, K/32], scaled_sum [rows, K/32]
@@ -623,6 +627,10 @@ template <>
 inline __m512 load_float16<c10::Half>(const c10::Half* w) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 }
+template <>
+inline __m512 load_float16<int8_t>(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
 #endif
 
 template <int ROWS, typename W>
@@ -885,23 +893,36 @@ inline bool zero_bytes(const bool* p) {  // 8 mask entries all false
   return bits == 0;
 }
 
-template <typename T>
-using WeightedRows = void (*)(float*, const float*, const T*, const bool*, int64_t, int64_t, int64_t);
+template <typename KV>
+using WeightedRows = void (*)(float*, const float*, const KV*, const bool*, int64_t, int64_t, int64_t);
 
-template <typename T>
-WeightedRows<T> weighted_rows_for(int64_t D) {  // the common head sizes with their accumulators in registers
+template <typename KV>
+WeightedRows<KV> weighted_rows_for(int64_t D) {  // the common head sizes with their accumulators in registers
 #if defined(__AVX2__)
-  if (D == 2 * LANES) return weighted_rows<2, T>;
-  if (D == 4 * LANES) return weighted_rows<4, T>;
-  if (D == 8 * LANES) return weighted_rows<8, T>;
+  if (D == 2 * LANES) return weighted_rows<2, KV>;
+  if (D == 4 * LANES) return weighted_rows<4, KV>;
+  if (D == 8 * LANES) return weighted_rows<8, KV>;
 #endif
-  return weighted_rows<0, T>;
+  return weighted_rows<0, KV>;
 }
 
-// One query row q [D] of one head against its KV head's cached rows k, v [L, D] where mask [L] lets it through.
-template <typename T>
-void attend_row(const T* q, const T* k, const T* v, const bool* mask, int64_t L, int64_t D, WeightedRows<T> weighted,
-                T* out) {
+// One KV head's cache as attend_row reads it: rows k, v [L, D] of the activations' dtype, or of int8 with a
+// float32 scale per row (model.py's quantized KVCache: entry * scale), which the loops apply per position:
+// the int8 entries are read as they are, never dequantized into a copy of the cache.
+template <typename KV>
+struct CacheHead {
+  const KV *k, *v;
+  const float *k_scale = nullptr, *v_scale = nullptr;  // [L] each, int8 caches only
+  CacheHead at(int64_t offset, int64_t rows) const {  // the head `offset / D` rows in (scales: `rows` in)
+    return {k + offset, v + offset, k_scale ? k_scale + rows : nullptr, v_scale ? v_scale + rows : nullptr};
+  }
+};
+
+// One query row q [D] of one head against its KV head's cached rows where mask [L] lets it through.
+template <typename T, typename KV>
+void attend_row(const T* q, const CacheHead<KV>& cache, const bool* mask, int64_t L, int64_t D,
+                WeightedRows<KV> weighted, T* out) {
+  const KV *k = cache.k, *v = cache.v;
   thread_local std::vector<float> scores, query, acc;
   scores.resize(L);
   query.resize(D);
@@ -917,54 +938,87 @@ void attend_row(const T* q, const T* k, const T* v, const bool* mask, int64_t L,
   while (last > first && !mask[last - 1]) --last;
   float top = -INFINITY;
   for (int64_t l = first; l < last; ++l) {
-    scores[l] = mask[l] ? dot_row(query.data(), k + l * D, D) : -INFINITY;
+    scores[l] = mask[l] ? dot_row(query.data(), k + l * D, D) * (cache.k_scale ? cache.k_scale[l] : 1.f) : -INFINITY;
     top = std::max(top, scores[l]);
   }
   const float inverse = last > first ? 1.f / exp_and_sum(scores.data() + first, last - first, top) : 0.f;
+  if (cache.v_scale)  // each value row's scale folded into its weight, after the softmax's sum
+    for (int64_t l = first; l < last; ++l) scores[l] *= cache.v_scale[l];
   weighted(acc.data(), scores.data(), v, mask, first, last, D);  // a row that attends to nothing: zeros
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inverse);
 }
 
-template <typename T>
-void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+template <typename KV>
+CacheHead<KV> cache_of(const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& k_scales,
+                       const c10::optional<at::Tensor>& v_scales) {
+  return {k.data_ptr<KV>(), v.data_ptr<KV>(), k_scales ? k_scales->data_ptr<float>() : nullptr,
+          v_scales ? v_scales->data_ptr<float>() : nullptr};
+}
+
+// k and v [B, KVH, L, D] contiguous, of q's dtype, or int8 with float32 scales [B, KVH, L, 1] contiguous
+void check_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales) {
+  TORCH_CHECK(k_scales.has_value() == v_scales.has_value(), "give both k_scales and v_scales, or neither");
+  if (!k_scales) {
+    TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                "q, k and v must have one dtype (or k and v int8 with their scales)");
+    return;
+  }
+  TORCH_CHECK(k.scalar_type() == at::kChar && v.scalar_type() == at::kChar, "k and v with scales must be int8");
+  for (const at::Tensor* scales : {&*k_scales, &*v_scales})
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->numel() == k.numel() / k.size(3),
+                "k_scales and v_scales must be float32 [B, KVH, L, 1], contiguous");
+}
+
+template <typename T, typename KV>
+void attention_typed(const at::Tensor& q, const CacheHead<KV>& cache, int64_t KVH, int64_t L, const at::Tensor& mask,
                      at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), KVH = k.size(1), L = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3);
   const int64_t group = H / KVH;
   const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const bool* mp = mask.data_ptr<bool>();
   const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), mr = mask.size(2) == 1 ? 0 : mask.stride(2);
-  const WeightedRows<T> weighted = weighted_rows_for<T>(D);
+  const WeightedRows<KV> weighted = weighted_rows_for<KV>(D);
   at::parallel_for(0, B * H * R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (H * R), h = i / R % H, r = i % R;
-      const int64_t kv = (b * KVH + h / group) * L * D;  // q [B, H, R, D] contiguous: row i
-      attend_row(qp + i * D, kp + kv, vp + kv, mp + b * mb + r * mr, L, D, weighted, op + i * D);
+      const int64_t head = b * KVH + h / group;  // q [B, H, R, D] contiguous: row i
+      attend_row(qp + i * D, cache.at(head * L * D, head * L), mp + b * mb + r * mr, L, D, weighted, op + i * D);
     }
   });
 }
 
+template <typename T>
+void attention_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales,
+                     const at::Tensor& mask, at::Tensor& out) {
+  if (k_scales)
+    attention_typed<T, int8_t>(q, cache_of<int8_t>(k, v, k_scales, v_scales), k.size(1), k.size(2), mask, out);
+  else
+    attention_typed<T, T>(q, cache_of<T>(k, v, k_scales, v_scales), k.size(1), k.size(2), mask, out);
+}
+
 // softmax(q k^T / sqrt(D) where mask) v for q [B, H, R, D], k and v [B, KVH, L, D] (H a multiple of KVH: each
-// KV head serves H / KVH query heads), mask bool [1 or B, 1, 1 or R, L]; out [B, H, R, D] in q's dtype.
-at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& mask_in) {
+// KV head serves H / KVH query heads), mask bool [1 or B, 1, 1 or R, L]; out [B, H, R, D] in q's dtype. With
+// k_scales and v_scales [B, KVH, L, 1] (float32), k and v are an int8 cache: entries times their row's scale.
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& mask_in,
+                     const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.sizes() == k_in.sizes(), "q [B, H, R, D], k and v [B, KVH, L, D]");
   TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(3) == q_in.size(3) && q_in.size(1) % k_in.size(1) == 0,
               "k and v must match q's batch and head size, and their heads divide q's");
-  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && v_in.scalar_type() == k_in.scalar_type(),
-              "q, k and v must have one dtype");
   TORCH_CHECK(mask_in.dim() == 4 && mask_in.size(3) == k_in.size(2) && mask_in.size(1) == 1
               && (mask_in.size(0) == 1 || mask_in.size(0) == q_in.size(0))
               && (mask_in.size(2) == 1 || mask_in.size(2) == q_in.size(2)), "mask must be [1 or B, 1, 1 or R, L]");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  check_cache(q, k, v, k_scales, v_scales);
   at::Tensor mask = mask_in.scalar_type() == at::kBool ? mask_in : mask_in.to(at::kBool);
   if (mask.stride(3) != 1) mask = mask.contiguous();
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
-    case at::kFloat: attention_typed<float>(q, k, v, mask, out); break;
-    case at::kBFloat16: attention_typed<c10::BFloat16>(q, k, v, mask, out); break;
-    case at::kHalf: attention_typed<c10::Half>(q, k, v, mask, out); break;
+    case at::kFloat: attention_cache<float>(q, k, v, k_scales, v_scales, mask, out); break;
+    case at::kBFloat16: attention_cache<c10::BFloat16>(q, k, v, k_scales, v_scales, mask, out); break;
+    case at::kHalf: attention_cache<c10::Half>(q, k, v, k_scales, v_scales, mask, out); break;
     default: TORCH_CHECK(false, "q, k and v must be float32, bfloat16 or float16");
   }
   return out;
@@ -1139,19 +1193,17 @@ at::Tensor block_qkv(const at::Tensor& h_in, const at::Tensor& norm_weight, doub
   }
 }
 
-template <typename T>
-at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight, double eps,
-                            const Weights& w1, const Weights& w3, const Weights& w2) {
-  const int64_t R = h.size(0), dim = wo.N, H = q.size(1), D = q.size(3), KVH = k.size(1), L = k.size(2);
+template <typename T, typename KV>
+at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const CacheHead<KV>& cache, int64_t KVH,
+                            int64_t L, const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight,
+                            double eps, const Weights& w1, const Weights& w3, const Weights& w2) {
+  const int64_t R = h.size(0), dim = wo.N, H = q.size(1), D = q.size(3);
   const int64_t inter = w1.N, group = H / KVH, mask_rows = mask.numel() / L;
   const T* hp = h.data_ptr<T>();
-  const T* qp = q.data_ptr<T>();  // [1, H, R, D]
-  const T* kp = k.data_ptr<T>();  // the cache's first sequence: this op decodes a batch of one
-  const T* vp = v.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();  // [1, H, R, D]; the cache's first sequence: this op decodes a batch of one
   const bool* mp = mask.data_ptr<bool>();
   const T* norm = data_or_null<T>(norm_weight, dim);
-  const WeightedRows<T> weighted = weighted_rows_for<T>(D);
+  const WeightedRows<KV> weighted = weighted_rows_for<KV>(D);
   thread_local std::vector<T> attended, activated, residual;  // shared by the threads, each writing its part
   thread_local std::vector<float> wo_out, gate, up, w2_out;
   attended.resize(R * H * D), activated.resize(R * inter), residual.resize(R * dim);
@@ -1166,8 +1218,8 @@ at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::
     thread_local std::vector<T> normed;
     const auto [a_begin, a_end] = share_of(H * R, thread, threads);
     for (int64_t i = a_begin; i < a_end; ++i) {  // (head, row) pairs; out as wo takes it: [R, H * D]
-      const int64_t hd = i / R, r = i % R, kv = (hd / group) * L * D;
-      attend_row(qp + i * D, kp + kv, vp + kv, mp + (mask_rows == 1 ? 0 : r * L), L, D, weighted,
+      const int64_t hd = i / R, r = i % R, head = hd / group;
+      attend_row(qp + i * D, cache.at(head * L * D, head * L), mp + (mask_rows == 1 ? 0 : r * L), L, D, weighted,
                  att + r * H * D + hd * D);
     }
 #pragma omp barrier
@@ -1198,24 +1250,38 @@ at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const at::
   return result;
 }
 
+template <typename T>
+at::Tensor block_rest_cache(const at::Tensor& h, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales,
+                            const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight, double eps,
+                            const Weights& w1, const Weights& w3, const Weights& w2) {
+  if (k_scales)
+    return block_rest_typed<T, int8_t>(h, q, cache_of<int8_t>(k, v, k_scales, v_scales), k.size(1), k.size(2), mask,
+                                       wo, norm_weight, eps, w1, w3, w2);
+  return block_rest_typed<T, T>(h, q, cache_of<T>(k, v, k_scales, v_scales), k.size(1), k.size(2), mask, wo,
+                                norm_weight, eps, w1, w3, w2);
+}
+
 // The rest of the block after the cache write, for the rows h [R, dim] (R <= 8) and their rotated q [1, H, R, D]:
-// attention over the cache's first sequence k, v [B, KVH, L, D] where each row's mask [.., R or 1, L] allows,
-// wo, the residual, the norm, silu(w1 x) * (w3 x), w2 and the residual again.
+// attention over the cache's first sequence k, v [B, KVH, L, D] (or int8 entries with their scales, as
+// attention takes them) where each row's mask [.., R or 1, L] allows, wo, the residual, the norm,
+// silu(w1 x) * (w3 x), w2 and the residual again.
 at::Tensor block_rest(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& mask_in, const at::Tensor& wo_a, const at::Tensor& wo_b, const at::Tensor& wo_c,
                       int64_t wo_kind, int64_t wo_groupsize, const at::Tensor& norm_weight, double eps,
                       const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w1_c, const at::Tensor& w3_a,
                       const at::Tensor& w3_b, const at::Tensor& w3_c, int64_t ffn_kind, int64_t ffn_groupsize,
                       int64_t intermediate, const at::Tensor& w2_a, const at::Tensor& w2_b, const at::Tensor& w2_c,
-                      int64_t w2_kind, int64_t w2_groupsize) {
+                      int64_t w2_kind, int64_t w2_groupsize, const c10::optional<at::Tensor>& k_scales,
+                      const c10::optional<at::Tensor>& v_scales) {
   const at::Tensor h = h_in.contiguous(), q = q_in.contiguous();
   const at::Tensor mask = mask_in.to(at::kBool).contiguous();
   TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(0) <= MAX_ROWS && q.dim() == 4 && q.size(0) == 1
               && q.size(2) == h.size(0), "block_rest takes h [rows <= 8, dim] and q [1, H, rows, D]");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.is_contiguous() && v.is_contiguous()
               && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0, "k and v caches [B, KVH, L, D], contiguous");
-  TORCH_CHECK(q.scalar_type() == h.scalar_type() && k.scalar_type() == h.scalar_type() && v.scalar_type() == h.scalar_type(),
-              "h, q and the caches must have one dtype");
+  TORCH_CHECK(q.scalar_type() == h.scalar_type(), "h and q must have one dtype");
+  check_cache(q, k, v, k_scales, v_scales);
   TORCH_CHECK(mask.numel() == k.size(2) || mask.numel() == h.size(0) * k.size(2), "mask must be [.., rows or 1, L]");
   const int64_t dim = h.size(1), attended = q.size(1) * q.size(3);
   const Weights wo = weights_of(wo_a, wo_b, wo_c, wo_kind, wo_groupsize, attended, dim);
@@ -1223,9 +1289,10 @@ at::Tensor block_rest(const at::Tensor& h_in, const at::Tensor& q_in, const at::
   const Weights w3 = weights_of(w3_a, w3_b, w3_c, ffn_kind, ffn_groupsize, dim, intermediate);
   const Weights w2 = weights_of(w2_a, w2_b, w2_c, w2_kind, w2_groupsize, intermediate, dim);
   switch (h.scalar_type()) {
-    case at::kFloat: return block_rest_typed<float>(h, q, k, v, mask, wo, norm_weight, eps, w1, w3, w2);
-    case at::kBFloat16: return block_rest_typed<c10::BFloat16>(h, q, k, v, mask, wo, norm_weight, eps, w1, w3, w2);
-    case at::kHalf: return block_rest_typed<c10::Half>(h, q, k, v, mask, wo, norm_weight, eps, w1, w3, w2);
+    case at::kFloat: return block_rest_cache<float>(h, q, k, v, k_scales, v_scales, mask, wo, norm_weight, eps, w1, w3, w2);
+    case at::kBFloat16:
+      return block_rest_cache<c10::BFloat16>(h, q, k, v, k_scales, v_scales, mask, wo, norm_weight, eps, w1, w3, w2);
+    case at::kHalf: return block_rest_cache<c10::Half>(h, q, k, v, k_scales, v_scales, mask, wo, norm_weight, eps, w1, w3, w2);
     default: TORCH_CHECK(false, "h must be float32, bfloat16 or float16");
   }
 }
@@ -1236,7 +1303,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor tiles, Tensor scales, int groupsize, int out_features) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("float_gated_linear(Tensor x, Tensor gate_weight, Tensor up_weight) -> Tensor");
   m.def("int8_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_scales, Tensor up_tiles, Tensor up_scales, "
         "int groupsize, int out_features) -> Tensor");
@@ -1248,7 +1315,7 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("block_rest(Tensor h, Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo_a, Tensor wo_b, Tensor wo_c, "
         "int wo_kind, int wo_groupsize, Tensor norm_weight, float eps, Tensor w1_a, Tensor w1_b, Tensor w1_c, "
         "Tensor w3_a, Tensor w3_b, Tensor w3_c, int ffn_kind, int ffn_groupsize, int intermediate, Tensor w2_a, "
-        "Tensor w2_b, Tensor w2_c, int w2_kind, int w2_groupsize) -> Tensor");
+        "Tensor w2_b, Tensor w2_c, int w2_kind, int w2_groupsize, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {

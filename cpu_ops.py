@@ -83,7 +83,7 @@ if hasattr(torch.library, "register_fake"):
         torch.library.register_fake("gptfast_cpu::block_rest")(lambda h, *rest: h.new_empty(h.shape))
         torch.library.register_fake("gptfast_cpu::float_gated_linear")(
             lambda x, gate_weight, up_weight: x.new_empty(x.shape[0], gate_weight.shape[0]))
-        torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask: q.new_empty(q.shape))  # contiguous
+        torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask, *scales: q.new_empty(q.shape))  # contiguous
 else:  # torch < 2.4
     def _register_fakes():
         pass

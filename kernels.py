@@ -64,12 +64,28 @@ class DecodeAttention(Attention):
     """
 
     paths: dict = {}
+    # An int8 KV cache (model.KVCache quantized): rows -> "native" (cpu_ops.cpp reads the int8 entries and their
+    # scales where the mask lets it through) or "dequantize" (the whole cache dequantized into a copy by
+    # KVCache.update, then attended as a float cache): measured by choose_attention_paths.
+    int8_cache_paths: dict = {}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         rows = q.shape[2]
         if rows > DecodeLinear.MAX_ROWS or not torch.compiler.is_compiling():
             return super().attend(q, k, v, mask)
         return self.run_path(self.paths.get(rows, "reduction" if rows == 1 else "sdpa"), q, k, v, mask)
+
+    def attend_through_cache(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
+        cache = self.kv_cache
+        if (getattr(cache, "quantized", False) and torch.compiler.is_compiling()
+                and self.int8_cache_paths.get(q.shape[2]) == "native"):
+            return self.native_int8_cache(q, k, v, mask, cache_pos)
+        return super().attend_through_cache(q, k, v, mask, cache_pos)
+
+    def native_int8_cache(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
+        cache, batch = self.kv_cache, q.shape[0]
+        k_scales, v_scales = cache.write(cache_pos, k, v)
+        return cpu_ops.ops().attention(q, cache.k_cache[:batch], cache.v_cache[:batch], mask, k_scales, v_scales)
 
     def run_path(self, path: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         if path == "native":
@@ -116,9 +132,9 @@ def choose_attention_paths(models: list, choices: cpu_ops.KernelChoices):
     kernel eager (in the graph they are the same external calls). Timed with every slot of a 512-slot cache
     attended to, the native kernel's worst case (it skips the slots a causal mask hides)."""
     native = cpu_ops.load()
-    layers = [(m, next(p.dtype for p in model.parameters() if p.is_floating_point()))  # the KV cache's dtype
-              for model in models for m in model.modules() if type(m) is DecodeAttention]
-    for module, dtype in layers:
+    layers = [(m, next(p.dtype for p in model.parameters() if p.is_floating_point()), int8_cache(model))
+              for model in models for m in model.modules() if type(m) is DecodeAttention]  # dtype: the float cache's
+    for module, dtype, int8 in layers:
         module.paths = {}
         for rows in range(1, DecodeLinear.MAX_ROWS + 1):
             q = torch.randn(1, module.n_head, rows, module.head_dim, dtype=dtype)
@@ -133,7 +149,41 @@ def choose_attention_paths(models: list, choices: cpu_ops.KernelChoices):
             key = (f"attention {module.n_head}x{module.n_local_heads}x{module.head_dim} "
                    f"{str(dtype).removeprefix('torch.')} rows {rows} cache {ATTENTION_TIMING_CACHE}")
             module.paths[rows] = choices.choose(key, timers)
+        module.int8_cache_paths = {}
+        if native and int8:
+            choose_int8_cache_paths(module, dtype, choices)
     choices.save()
+
+
+def int8_cache(model) -> bool:
+    """Whether `model` decodes through an int8 KV cache (set at load, before setup_caches allocates it)."""
+    return getattr(model, "kv_cache_dtype", None) == torch.int8
+
+
+def choose_int8_cache_paths(module: DecodeAttention, dtype, choices: cpu_ops.KernelChoices):
+    """For an int8 KV cache, per number of rows: the native kernel on the int8 entries, or the whole cache
+    dequantized into a copy and attended by the path chosen for a float cache. Both timed with the cache write,
+    eager, a 512-slot cache every slot of which is attended to (the native kernel's worst case; the copy's cost
+    is the same at any position)."""
+    from model import KVCache
+
+    for rows in range(1, DecodeLinear.MAX_ROWS + 1):
+        cache = KVCache(1, ATTENTION_TIMING_CACHE, module.n_local_heads, module.head_dim, dtype, quantized=True)
+        q = torch.randn(1, module.n_head, rows, module.head_dim, dtype=dtype)
+        k, v = (torch.randn(1, module.n_local_heads, rows, module.head_dim, dtype=dtype) for _ in range(2))
+        position = torch.arange(ATTENTION_TIMING_CACHE - rows, ATTENTION_TIMING_CACHE)
+        mask = torch.ones(1, 1, rows, ATTENTION_TIMING_CACHE, dtype=torch.bool)
+        float_path = module.paths[rows] if module.paths[rows] != "reduction" else "sdpa"  # the reduction: compiled only
+        kept, module.kv_cache = module.kv_cache, cache
+        try:
+            timers = {"native": lambda: cpu_ops.time_call(lambda: module.native_int8_cache(q, k, v, mask, position)),
+                      "dequantize": lambda: cpu_ops.time_call(
+                          lambda: module.run_path(float_path, q, *cache.update(position, k, v), mask))}
+            key = (f"attention int8 cache {module.n_head}x{module.n_local_heads}x{module.head_dim} "
+                   f"{str(dtype).removeprefix('torch.')} rows {rows} cache {ATTENTION_TIMING_CACHE}")
+            module.int8_cache_paths[rows] = choices.choose(key, timers)
+        finally:
+            module.kv_cache = kept
 
 
 @torch.no_grad()
@@ -202,7 +252,8 @@ class DecodeBlock(TransformerBlock):
     (attention, wo, residual, norm, gate and up, down, residual), around the cache write, where the module path
     makes ~8 calls, each a dispatcher trip and an OpenMP fork and join. Taken for the numbers of rows where
     choose_block_paths measured it faster (`native_rows`); anything else (eager, prompts, batches, layers it
-    cannot take: hooks, activation rounding, an int8 KV cache) is the module path."""
+    cannot take: hooks, activation rounding) is the module path. An int8 KV cache is read as it is (its
+    entries and scales), as DecodeAttention's native path reads it."""
 
     native_rows: frozenset = frozenset()
 
@@ -224,7 +275,7 @@ class DecodeBlock(TransformerBlock):
             return False
         weights = [getattr(m, "native_weights", lambda: None)() for m in linears]
         return (all(w is not None for w in weights) and weights[2][3:] == weights[3][3:]
-                and all(m.bias is None for m in linears[1:]) and not getattr(self.attention.kv_cache, "quantized", False))
+                and all(m.bias is None for m in linears[1:]))
 
     def native_forward(self, x, rope, mask, cache_pos):
         attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
@@ -241,11 +292,17 @@ class DecodeBlock(TransformerBlock):
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = q.view(1, rows, heads, head_dim).transpose(1, 2)
         k, v = (t.view(1, rows, kv_heads, head_dim).transpose(1, 2) for t in (k, v))
-        k_cache, v_cache = attention.kv_cache.update(cache_pos, k, v)
+        cache = attention.kv_cache
+        if getattr(cache, "quantized", False):  # the int8 entries and their scales, not a dequantized copy
+            scales = cache.write(cache_pos, k, v)
+            k_cache, v_cache = cache.k_cache[:1], cache.v_cache[:1]
+        else:
+            scales = ()
+            k_cache, v_cache = cache.update(cache_pos, k, v)
         ffn_weights = w1.native_weights()
         out = ops.block_rest(h, q, k_cache, v_cache, mask, *wo.native_weights(), self.ffn_norm.weight,
                              self.ffn_norm.eps, *ffn_weights[:3], *w3.native_weights()[:3], *ffn_weights[3:],
-                             w1.out_features, *w2.native_weights())
+                             w1.out_features, *w2.native_weights(), *scales)
         return out.view_as(x)
 
 
@@ -260,14 +317,15 @@ BLOCK_TIMING_CACHE = 64  # cache slots of the timed block (16-23 attended): the 
 BLOCK_TIMED_ROWS = (1, 4)  # one decoded token; a verification (4 stands for 2-8: each would be two compiles)
 
 
-def block_key(block: DecodeBlock, dtype, rows: int) -> str:
+def block_key(block: DecodeBlock, dtype, rows: int, int8: bool = False) -> str:
     def kind(module):
         a, _, _, kind, groupsize = module.native_weights()
         name = {0: str(a.dtype).removeprefix("torch."), 1: f"int8 g{groupsize}", 2: f"int4 g{groupsize}"}[kind]
         return f"{name} {module.out_features}x{module.in_features}"
     attention = block.attention
     return (f"block {', '.join(kind(m) for m in block.linears())} heads {attention.n_head}x"
-            f"{attention.n_local_heads}x{attention.head_dim} {str(dtype).removeprefix('torch.')} rows {rows} compiled")
+            f"{attention.n_local_heads}x{attention.head_dim}{' int8 cache' if int8 else ''} {str(dtype).removeprefix('torch.')} "
+            f"rows {rows} compiled")
 
 
 @torch.no_grad()
@@ -283,9 +341,9 @@ def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
                 continue
             native_rows = set()
             for rows in BLOCK_TIMED_ROWS:
-                key = block_key(block, dtype, rows)
+                key = block_key(block, dtype, rows, int8_cache(model))
                 if key not in choices.choices:
-                    times = time_block(block, dtype, rows)
+                    times = time_block(block, dtype, rows, int8_cache(model))
                     choices.choose(key, {name: (lambda us=us: us) for name, us in times.items()})
                 if choices.choices[key]["path"] == "two calls":
                     native_rows |= {1} if rows == 1 else set(range(2, DecodeLinear.MAX_ROWS + 1))
@@ -293,14 +351,15 @@ def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
     choices.save()
 
 
-def time_block(block: DecodeBlock, dtype, rows: int) -> dict:
+def time_block(block: DecodeBlock, dtype, rows: int, int8: bool = False) -> dict:
     """{"module path": us, "two calls": us}: `block` compiled alone both ways for `rows` rows at positions 16
-    on, its cache swapped for a small one of its own while timed."""
+    on, its cache swapped for a small one of its own (int8 with `int8`) while timed."""
     from model import KVCache
 
     attention = block.attention
     kept_cache, kept_rows = attention.kv_cache, block.native_rows
-    attention.kv_cache = KVCache(1, BLOCK_TIMING_CACHE, attention.n_local_heads, attention.head_dim, dtype)
+    attention.kv_cache = KVCache(1, BLOCK_TIMING_CACHE, attention.n_local_heads, attention.head_dim, dtype,
+                                 quantized=int8)
     x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
     rope = tuple(torch.randn(rows, attention.head_dim, dtype=dtype) for _ in range(2))
     position = torch.arange(16, 16 + rows)
@@ -324,7 +383,7 @@ def block_paths_summary(models: list) -> list:
     for model in models:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         for block in (m for m in model.modules() if isinstance(m, DecodeBlock) and m.can_take_native()):
-            key = block_key(block, dtype, 1).removesuffix(" rows 1 compiled")
+            key = block_key(block, dtype, 1, int8_cache(model)).removesuffix(" rows 1 compiled")
             buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))  # the last: every longer input
             paths = {r: "two native calls" if r in block.native_rows else "module path" for r in buckets}
             lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(paths, buckets)}")

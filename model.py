@@ -124,12 +124,19 @@ class KVCache(nn.Module):
             k_out.index_copy_(2, input_pos, k_val)
             v_out.index_copy_(2, input_pos, v_val)
             return k_out, v_out
+        k_scales, v_scales = self.write(input_pos, k_val, v_val)
+        return (k_out * k_scales).to(k_val.dtype), (v_out * v_scales).to(v_val.dtype)
+
+    def write(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor) -> tuple:
+        """Quantized cache: round and store the new entries; the batch's (k_scales, v_scales). Attention that
+        reads int8 entries and their scales itself (kernels.DecodeAttention) calls this instead of update."""
+        bsz = k_val.shape[0]
         k_scales, v_scales = self.k_scales[:bsz], self.v_scales[:bsz]
-        for values, cache, scales in ((k_val, k_out, k_scales), (v_val, v_out, v_scales)):
+        for values, cache, scales in ((k_val, self.k_cache[:bsz], k_scales), (v_val, self.v_cache[:bsz], v_scales)):
             quantized, scale = quantize_kv(values)
             cache.index_copy_(2, input_pos, quantized)
             scales.index_copy_(2, input_pos, scale)
-        return (k_out * k_scales).to(k_val.dtype), (v_out * v_scales).to(v_val.dtype)
+        return k_scales, v_scales
 
     def move(self, source: Tensor, destination: Tensor):
         """Copy the entries at slots `source` to slots `destination` (Medusa keeps the accepted tree path)."""
@@ -182,10 +189,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        y = self.attend_through_cache(q, k, v, mask, cache_pos)
+        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+
+    def attend_through_cache(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cache_pos: Tensor) -> Tensor:
+        """Store this step's k and v in the cache, then attend over all it holds."""
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
-        y = self.attend(q, k, v, mask)
-        return self.wo(y.transpose(1, 2).reshape(bsz, seqlen, q_size))
+        return self.attend(q, k, v, mask)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """q [batch, heads, seq, head_dim]; k, v [batch, kv_heads, cache_len, head_dim] as the cache holds them."""

@@ -352,6 +352,28 @@ def test_native_attention_matches_sdpa(shape, dtype):
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_native_attention_reads_an_int8_cache(shape, dtype):
+    """k and v as model.KVCache's int8 entries with a float32 scale per token and head, read as they are: the
+    attention of the dequantized cache."""
+    from model import quantize_kv
+
+    batch, heads, kv_heads, rows, head_dim, slots, mask_batch = shape
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, rows, head_dim).to(dtype)
+    (k, k_scales), (v, v_scales) = (quantize_kv(torch.randn(batch, kv_heads, slots, head_dim) * 3) for _ in range(2))
+    mask = attention_mask(mask_batch, rows, slots)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k * k_scales, v * v_scales, attn_mask=mask,
+                                                                 enable_gqa=True)
+    out = cpu_ops.ops().attention(q, k, v, mask, k_scales, v_scales)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.float() - reference).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2) * reference.abs().max()
+    with pytest.raises(RuntimeError, match="int8"):
+        cpu_ops.ops().attention(q, k.to(dtype), v.to(dtype), mask, k_scales, v_scales)
+
+
+@native
 def test_native_attention_of_a_row_that_sees_nothing_is_zero():
     q, k = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 5, 16)
     mask = torch.zeros(1, 1, 2, 5, dtype=torch.bool)
@@ -431,12 +453,13 @@ BLOCK_LINEARS = [("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w
                  ("feed_forward", "w2")]
 
 
-def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32, rows=1):
+def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32, rows=1, int8_cache=False):
     """The last block of a tiny `family` model in `dtype`, its products float or quantized as `kind` (each on
-    the native kernel), with a cache of random entries; and the rope and mask of `rows` positions from 9."""
+    the native kernel), with a cache (int8 with `int8_cache`) of random entries; and the rope and mask of `rows`
+    positions from 9."""
     import generate
 
-    model = generate.load_model(tiny_models[family][2], "cpu", dtype)
+    model = generate.load_model(tiny_models[family][2], "cpu", dtype, kv_cache_dtype=torch.int8 if int8_cache else None)
     kernels.swap_decode_modules([model], "whole")
     block = model.layers[-1]
     if kind != "float":
@@ -446,7 +469,10 @@ def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32, ro
     model.setup_caches(1, cache_length)
     torch.manual_seed(0)
     for cache in block.attention.kv_cache.buffers():
-        cache.normal_()
+        if cache.dtype == torch.int8:
+            cache.copy_(torch.randint(-127, 128, cache.shape))
+        else:
+            cache.normal_() if not int8_cache else cache.uniform_(0.005, 0.02)  # an int8 cache's scales
     position = torch.arange(9, 9 + rows)
     rope = (model.rope_cos[position].to(dtype), model.rope_sin[position].to(dtype))
     mask = model.causal_mask[None, None, position]
@@ -481,16 +507,86 @@ def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, famil
     """block_qkv and block_rest (norms, qkv with Qwen2's bias, Qwen3's q/k norms, rope, GQA attention over the
     cache with each row's causal mask, a sliding window, wo, the gated feed-forward, both residuals), for one
     decoded token and for 3 verified ones, against the block's own modules: the same output and the same
-    entries written to the cache (float32 to rounding, bfloat16 to its ulp)."""
+    entries written to the cache (float32 to rounding, bfloat16 to its ulp; the quantized kinds round their
+    activations to int8, where a last-bit difference in a normed input can move one rounding: 1e-3 in float32,
+    seen at 2.4e-4 on the AVX-512 Xeon VM)."""
     block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path, rows=rows)
     assert block.can_take_native()
     x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
     reference, written, out = module_path_and(block.native_forward, block, x, rope, mask, position)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    tolerance = (1e-5 if kind == "float" else 1e-3) if dtype == torch.float32 else 1e-2
     assert out.shape == reference.shape and out.dtype == dtype
     assert relative_error(out, reference) < tolerance
     for buffer, expected in zip(block.attention.kv_cache.buffers(), written):
         assert relative_error(buffer[:, :, position], expected) < tolerance
+
+
+@native
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["float", "int4 g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_two_native_calls_read_an_int8_cache(tiny_models, family, kind, dtype, rows, tmp_path):
+    """With an int8 KV cache, block_rest reads its entries and scales where the module path attends to a
+    dequantized copy: the same output (float32 to rounding; bfloat16: the copy's rounding) and the same
+    entries and scales written."""
+    block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path, rows=rows, int8_cache=True)
+    assert block.can_take_native() and block.attention.kv_cache.quantized
+    x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
+    reference, written, out = module_path_and(block.native_forward, block, x, rope, mask, position)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relative_error(out, reference) < tolerance
+    for buffer, expected in zip(block.attention.kv_cache.buffers(), written):  # k and v rounded by either path
+        if buffer.dtype == torch.int8:
+            assert (buffer[:, :, position].int() - expected.int()).abs().max() <= 1
+        else:
+            assert relative_error(buffer[:, :, position], expected) < tolerance
+
+
+@native
+@pytest.mark.parametrize("block_calls", [False, True])
+def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_path, monkeypatch, block_calls):
+    """The int8 cache's paths come from the choice file (here: native attention, and the two block calls or
+    not); the compiled step then reads the cache through the native ops, their scales passed (seen in the
+    graph dynamo hands to the backend), and decodes eager's greedy tokens (float32)."""
+    import generate
+
+    monkeypatch.setenv("GPT_FAST_CACHE", str(tmp_path))
+    model = generate.load_model(tiny_models["llama"][2], "cpu", torch.float32, kv_cache_dtype=torch.int8)
+    prompt = torch.tensor([3, 17, 42, 5, 9])
+    eager = generate.generate(model, prompt, 24)
+    kernels.swap_decode_modules([model], "whole")
+    attention = model.layers[0].attention
+    choices = cpu_ops.KernelChoices()
+    for rows in range(1, 9):
+        choices.choices[f"attention int8 cache 4x2x16 float32 rows {rows} cache {kernels.ATTENTION_TIMING_CACHE}"] = \
+            {"path": "native", "us": {}}
+    for rows in kernels.BLOCK_TIMED_ROWS:
+        choices.choices[kernels.block_key(model.layers[0], torch.float32, rows, True)] = \
+            {"path": "two calls" if block_calls else "module path", "us": {}}
+    choices.measured = len(choices.choices)  # written as a measured file would be
+    choices.save()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(str(graph_module.graph))
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(graph_module, example_inputs)
+
+    try:
+        generate.compile_functions([model], "cpu")
+        assert attention.int8_cache_paths == {rows: "native" for rows in range(1, 9)}
+        assert model.layers[0].native_rows == (frozenset(range(1, 9)) if block_calls else frozenset())
+        step = generate.decode_one_token
+        generate.decode_one_token = torch.compile(generate.EAGER_FUNCTIONS["decode_one_token"], backend=recording_backend,
+                                                  fullgraph=True)
+        assert torch.equal(generate.generate(model, prompt, 24), eager)
+        generate.decode_one_token = step
+    finally:
+        generate.use_eager()
+    op = "gptfast_cpu.block_rest" if block_calls else "gptfast_cpu.attention"
+    calls = [line for line in graphs[0].splitlines() if op in line]
+    assert len(calls) == len(model.layers) and all("%k_scales" in line and "%v_scales" in line for line in calls), calls
 
 
 @native
