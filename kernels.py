@@ -243,6 +243,9 @@ def float_paths_summary(models: list) -> list:
         key = f"attention {module.n_head}x{module.n_local_heads}x{module.head_dim}"
         buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))
         lines.setdefault(key, f"{key}: {cpu_ops.describe_paths({**module.paths, buckets[-1]: 'sdpa'}, buckets)}")
+        if module.int8_cache_paths:
+            paths = {**module.int8_cache_paths, buckets[-1]: "dequantize"}
+            lines.setdefault(key + " int8 cache", f"{key} int8 cache: {cpu_ops.describe_paths(paths, buckets)}")
     return list(lines.values())
 
 

@@ -576,6 +576,8 @@ def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_p
     try:
         generate.compile_functions([model], "cpu")
         assert attention.int8_cache_paths == {rows: "native" for rows in range(1, 9)}
+        assert "attention 4x2x16 int8 cache: native (1-8 rows), dequantize (longer inputs)" in \
+            kernels.float_paths_summary([model])
         assert model.layers[0].native_rows == (frozenset(range(1, 9)) if block_calls else frozenset())
         step = generate.decode_one_token
         generate.decode_one_token = torch.compile(generate.EAGER_FUNCTIONS["decode_one_token"], backend=recording_backend,
