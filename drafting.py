@@ -60,8 +60,8 @@ def compile_drafting():
     proposal. Always from the eager originals, so that compiling twice does not nest. One-token steps
     (the draft model's, plain steps between drafts) use the decode step generate.py compiled."""
     global verify, propose
-    verify = torch.compile(EAGER_FUNCTIONS["verify"], fullgraph=True)
-    propose = torch.compile(EAGER_FUNCTIONS["propose"], fullgraph=True)
+    verify = torch.compile(EAGER_FUNCTIONS["verify"], fullgraph=True, dynamic=False)
+    propose = torch.compile(EAGER_FUNCTIONS["propose"], fullgraph=True, dynamic=False)
 
 
 def use_eager_drafting():

@@ -177,8 +177,14 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     This compiles on the first call, which waits for it: what drafting, CUDA, torchrun and --compile_prefill
     use; the plain CPU decode builds its step in the background instead (compiled_step.py).
 
-    Rebinds this module's functions (as gpt-fast does), always from the eager originals."""
+    Rebinds this module's functions (as gpt-fast does), always from the eager originals, and starts from an
+    empty dynamo cache, the steps compiled for static shapes: a process that compiled for other models or another
+    cache length before (bench.py's rows, a smaller draft model's step) would otherwise recompile the step with
+    dynamic sizes (dynamo's automatic dynamic shapes), slower code than a static graph: bench.py's prompt lookup
+    row, compiled after the plain rows with a cache 5 positions longer, ran at 0.88x plain, where alone, in
+    processes of their own at one cache length, the two ran 25-27 and 27-29 ms a token."""
     global decode_one_token, prefill
+    torch._dynamo.reset()
     decode_one_token, prefill = EAGER_FUNCTIONS.values()
     if torch.distributed.is_initialized() or mode == "auto":
         mode = "whole"
@@ -188,7 +194,7 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
         if mode == "whole":  # a decoded token's block in two native calls, where measured faster
             kernels.choose_block_paths(models, cpu_ops.KernelChoices())
     cuda_graphs = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
-    decode_one_token = torch.compile(decode_one_token, mode=cuda_graphs, fullgraph=True)
+    decode_one_token = torch.compile(decode_one_token, mode=cuda_graphs, fullgraph=True, dynamic=False)
     if drafter is not None:
         drafting.compile_drafting()
     if compile_prefill:
