@@ -116,6 +116,10 @@ CASES = [
     ("bench-unknown-row", "scripts/bench.py", "good", ["--checkpoint_path", "{input}", "--rows", "ours-int3"], ["unknown row 'ours-int3'"]),
     ("bench-missing-checkpoint", "scripts/bench.py", "file", ["--checkpoint_path", "{input}.pth", "--rows", "ours-bf16"], ["not found"]),
     ("bench-zero-runs", "scripts/bench.py", "good", ["--checkpoint_path", "{input}", "--runs", "0"], ["--runs must be at least 1"]),
+    ("bench-cuda-missing", "scripts/bench.py", "good", ["--checkpoint_path", "{input}", "--device", "cuda", "--rows", "ours-bf16"],
+     ["no CUDA device is available", "--device cpu"]),
+    ("bench-hf-model-not-a-folder", "scripts/bench.py", "good",
+     ["--checkpoint_path", "{input}", "--hf_model", "README.md", "--rows", "hf-eager-bf16"], ["is not a HF folder"]),
 ]
 
 
