@@ -19,7 +19,9 @@ A saved step holds no weights (they stay inputs of the graph). Its file name has
 every tensor's name, shape and dtype (quantization, batch size and KV cache length among them), the config,
 the stage and the sampling settings. Inside, a JSON line records what it was built with (torch, Python, the
 CPU's model and flags, our native kernels' source): a step from another torch or CPU, or one that does not
-load, is rebuilt, with one line saying why. The step keeps only dynamo's global-state guard (grad mode and the
+load, is rebuilt, with one line saying why. The file also carries the C++ binaries inductor compiled for the
+step (portable_cpp_cache): another checkout or virtual environment of the same torch, or an emptied inductor
+cache (/tmp after a reboot), loads it in seconds instead of compiling its C++ again. The step keeps only dynamo's global-state guard (grad mode and the
 like; global_state_guards_only): the name and that record are what say a step fits, and next_step falls back to
 eager if the cache is resized.
 """
@@ -32,6 +34,7 @@ import platform
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +48,7 @@ import quantize
 import sampling
 
 STAGES = {"auto": ("regional", "whole"), "regional": ("regional",), "whole": ("whole",)}
-MAGIC = b"gpt-fast compiled decode step 1\n"  # the file format's name and version
+MAGIC = b"gpt-fast compiled decode step 2\n"  # the file format's name and version (2: with its C++ binaries)
 STEP_VERSION = 2  # in the digest: steps built by an older build_step (more guards) are built again
 CACHE_ROUNDING = 256  # KV cache lengths are rounded up to a multiple: one saved step serves every short prompt
 
@@ -53,6 +56,99 @@ CACHE_ROUNDING = 256  # KV cache lengths are rounded up to a multiple: one saved
 def cache_length(needed: int, context: int) -> int:
     """The KV cache length for a compiled run that needs `needed` positions: rounded up, within the context."""
     return max(needed, min(-(-needed // CACHE_ROUNDING) * CACHE_ROUNDING, context))
+
+
+TORCH_ROOTS = sorted({os.path.dirname(torch.__file__), os.path.dirname(os.path.realpath(torch.__file__))},
+                     key=len, reverse=True)
+CPP_SOURCES = ("cpp", "main.cpp", "optimized.cpp")  # the extensions of the files inductor compiles with g++
+compiled_sources: list = []  # (extension, path) of every C++ source inductor wrote or found in this process
+
+
+def portable_cpp_cache():
+    """Make inductor's compiled C++ findable from any environment of this torch version, and record it.
+
+    Inductor names each compiled file after a hash of its source and of the compiler's command line, and the
+    command line holds this torch install's path (-I.../site-packages/torch/include): another checkout or
+    virtual environment of the same torch missed the cache and compiled everything again (about 10 s for the
+    regional step, 1-2 minutes for the whole one on 2 cores). Hashing the command line with that path replaced
+    by a placeholder gives the same names everywhere (the torch version and CPU are checked by load_step, the
+    rest of the command line by cpp_environment).
+
+    Also: before it looks for the compiled file, inductor runs the preprocessor over its precompiled header to
+    hash it, for every kernel (about 1 s each, and with an empty cache the header is compiled too); where the
+    file is already there nothing is compiled and that header is never used, so it is skipped then.
+    Installed once; it changes only names and skips work whose result is not used."""
+    from torch._inductor import codecache
+
+    if getattr(codecache.write, "portable", False):
+        return
+    original_write, original_precompile = codecache.write, codecache._precompile_header
+
+    def write(content, extension, extra="", *args, **kwargs):
+        if extension in CPP_SOURCES:
+            for root in TORCH_ROOTS:
+                extra = extra.replace(root, "<torch>")
+        basename, path = original_write(content, extension, extra, *args, **kwargs)
+        if extension in CPP_SOURCES:
+            compiled_sources.append((extension, path))
+        return basename, path
+
+    def precompile_header(*args, **kwargs):
+        if compiled_sources and all(Path(file).exists() for file in targets_of_last_sources()):
+            return os.devnull  # nothing will be compiled: the header's path is never read
+        return original_precompile(*args, **kwargs)
+
+    write.portable = True
+    codecache.write, codecache._precompile_header = write, precompile_header
+
+
+def targets_of_last_sources() -> list:
+    """What inductor builds for the library whose sources it wrote last (CppCodeCache.load_async writes
+    main.cpp, then optimized.cpp if there is separate kernel code, then precompiles headers): main.so; or
+    main.o, optimized.o and main.so linked from them."""
+    extension, path = compiled_sources[-1]
+    if extension == "main.cpp":
+        return [Path(path).with_suffix(".so")]
+    if extension == "optimized.cpp" and len(compiled_sources) > 1 and compiled_sources[-2][0] == "main.cpp":
+        main = Path(compiled_sources[-2][1])
+        return [main.with_suffix(".o"), Path(path).with_suffix(".o"), main.with_suffix(".so")]
+    return [Path(os.devnull, "none")]  # not a library inductor loads: precompile as usual
+
+
+def cpp_environment() -> str:
+    """What else names inductor's compiled C++ here (its command line without torch's path): the Python headers
+    and libraries and the compiler. A step saved where these differ is left to the build process."""
+    from torch._inductor import config
+
+    return json.dumps([sysconfig.get_paths()["include"], sysconfig.get_config_var("LIBDIR"), config.cpp.cxx])
+
+
+def binaries_of(sources: list) -> list:
+    """(path relative to inductor's cache folder, bytes) of the compiled files of these C++ sources."""
+    from torch._inductor.codecache import cache_dir
+
+    root, found = Path(cache_dir()), {}
+    for _, source in sources:
+        for binary in (Path(source).with_suffix(".so"), Path(source).with_suffix(".o")):
+            if binary.exists() and binary.is_relative_to(root):
+                found[str(binary.relative_to(root))] = binary.read_bytes()
+    return sorted(found.items())
+
+
+def restore_binaries(binaries: list):
+    """Put a step's compiled files into inductor's cache folder where they are missing (atomically)."""
+    from torch._inductor.codecache import cache_dir
+
+    root = Path(cache_dir())
+    for name, data in binaries:
+        target = root / name
+        if ".." in Path(name).parts or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{os.getpid()}.{target.name}.tmp")
+        temporary.write_bytes(data)
+        temporary.chmod(0o755)
+        os.replace(temporary, target)
 
 
 def build_identity() -> dict:
@@ -78,17 +174,21 @@ def first_line(error: Exception) -> str:
 
 def load_step(path: Path, same_environment_only: bool):
     """(the compiled step saved at path, None) or (None, a note why it is not used; None when there is none).
-    same_environment_only: None, quietly, for a step saved from another Python environment: loading it
-    there compiles its C++ again (inductor's cache is keyed by the torch install's path), a job for the
-    build process."""
+    same_environment_only: None, quietly, for a step whose C++ would not be found here (another Python or
+    compiler, cpp_environment): loading it would compile its C++ again, a job for the build process."""
     if not path.exists():
         return None, None
     try:
         with open(path, "rb") as file:
             if file.readline() != MAGIC:
-                raise ValueError("not a compiled step file")
+                raise ValueError("not a compiled step file (or one of an older format)")
             header = json.loads(file.readline())
-            built_with, environment, step_bytes = dict(header["identity"]), header["environment"], file.read()
+            built_with, environment = dict(header["identity"]), header["environment"]
+            step_bytes = file.read(header["step_bytes"])
+            binaries = [(name, file.read(size)) for name, size in header["binaries"]]
+            if len(step_bytes) != header["step_bytes"] or any(len(data) != size for (_, data), (_, size)
+                                                               in zip(binaries, header["binaries"])):
+                raise ValueError("the file is truncated")
     except Exception as error:
         return None, f"compiled step {path} is unreadable ({first_line(error)}); building it again"
     here = build_identity()
@@ -96,23 +196,30 @@ def load_step(path: Path, same_environment_only: bool):
     if differs:
         what = ", ".join(f"{key} {built_with.get(key)!r}" if key != "flags" else "other CPU flags" for key in differs)
         return None, f"compiled step {path} was built with {what}; building it again for this machine"
-    if same_environment_only and environment != torch.__file__:
+    if same_environment_only and environment != cpp_environment():
         return None, None
     try:
         cpu_ops.load()  # the step may call our native kernels: their operators must be registered
+        portable_cpp_cache()
+        restore_binaries(binaries)
         return torch.compiler.load_compiled_function(io.BytesIO(step_bytes)), None
     except Exception as error:
         return None, f"compiled step {path} does not load ({first_line(error)}); building it again"
 
 
-def save_step(step, path: Path):
-    """Write atomically: a line naming the format, a JSON line of what it was built with, the step's bytes."""
+def save_step(step, path: Path, sources: list = ()):
+    """Write atomically: a line naming the format, a JSON line of what it was built with, the step's bytes,
+    then the compiled files of `sources` (the C++ the step was built or loaded with: compiled_sources)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".saving-") as folder:
         step.save_compiled_function(os.path.join(folder, "step"))
-        header = {"identity": build_identity(), "environment": torch.__file__}
+        step_bytes, binaries = Path(folder, "step").read_bytes(), binaries_of(sources)
+        header = {"identity": build_identity(), "environment": cpp_environment(), "step_bytes": len(step_bytes),
+                  "binaries": [(name, len(data)) for name, data in binaries]}
         with open(os.path.join(folder, "artifact"), "wb") as file:
-            file.write(MAGIC + json.dumps(header).encode() + b"\n" + Path(folder, "step").read_bytes())
+            file.write(MAGIC + json.dumps(header).encode() + b"\n" + step_bytes)
+            for _, data in binaries:
+                file.write(data)
         os.replace(os.path.join(folder, "artifact"), path)
 
 
@@ -164,6 +271,7 @@ def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options
     """What the build process does (generate.py --compile_only): each stage of `mode` loaded if saved and
     fitting this machine, else built and saved; the kernel paths measured first (unless cached)."""
     kernels.swap_decode_modules([model], "regional")
+    portable_cpp_cache()
     folder = Path(checkpoint_path).parent / "compiled"
     cpu_ops.MEASURING = FileLock(folder / ".measuring.lock")  # a decoding process waits while we time
     chosen = False
@@ -171,6 +279,7 @@ def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options
     for stage in stages:
         path = artifact_path(checkpoint_path, stage, step_digest(model, stage, sampling_options))
         start = time.perf_counter()
+        seen = len(compiled_sources)
         step, note = load_step(path, same_environment_only=False)
         if note:
             log(note)
@@ -180,8 +289,12 @@ def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options
             if not chosen and stage == stages[-1]:
                 choose_paths(model)
                 chosen = True
+            seen = len(compiled_sources)
             step = build_step(model, stage, batch_size, sampling_options)
-        save_step(step, path)  # again when loaded: it now records this environment, whose C++ cache has it
+        # The ISA checks ("cpp", once a process) and what this stage compiled or loaded. Saved again when loaded:
+        # the file then records this environment.
+        sources = [entry for entry in compiled_sources[:seen] if entry[0] == "cpp"] + compiled_sources[seen:]
+        save_step(step, path, sources)
         log(f"compiled step {stage}: {path} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -198,7 +311,7 @@ def choose_paths(model):
 class BackgroundCompile:
     """The compiled decode step for `model` (its KV cache already set up), without waiting for the compiler.
 
-    start(): the best saved stage this environment built is loaded at once (a warm start: seconds); the
+    start(): the best saved stage whose C++ fits here is loaded at once (a warm start: seconds); the
     stages still missing are built by `command`, a separate process (generate.py --compile_only: its own
     interpreter, so the compiler does not hold our GIL), while this one decodes eagerly. The decode loop asks
     `next_step()` before each token: ("eager", the eager step) until a stage is ready, then (stage, its step),
@@ -227,7 +340,7 @@ class BackgroundCompile:
 
     def start(self) -> "BackgroundCompile":
         self.started = time.perf_counter()
-        for stage in reversed(self.stages):  # a warm start: the best stage saved by this environment
+        for stage in reversed(self.stages):  # a warm start: the best stage saved
             step, note = load_step(self.paths[stage], same_environment_only=True)
             if note:
                 self.notes.append(note)

@@ -95,11 +95,84 @@ def test_saved_step_is_loaded_by_a_later_run(built):
     assert set(timings["stages"]) == {"whole"}
 
 
-def rewrite_header(path: Path, **changes):
+def rewrite_header(path: Path, environment=None, **changes):
     with open(path, "rb") as file:
         magic, header, step = file.readline(), json.loads(file.readline()), file.read()
     header["identity"].update(changes)
+    header["environment"] = environment or header["environment"]
     path.write_bytes(magic + json.dumps(header).encode() + b"\n" + step)
+
+
+LOAD_WITHOUT_COMPILER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import compiled_step, generate
+from torch._inductor import cpp_builder
+
+def refuse(builder, *args, **kwargs):
+    raise AssertionError(f"the C++ compiler ran for {builder.get_target_file_path()}")
+
+cpp_builder.CppBuilder.build = refuse
+model = generate.load_model(sys.argv[2], "cpu", torch.float32)
+model.setup_caches(max_batch_size=1, max_seq_length=int(sys.argv[3]))
+background = compiled_step.BackgroundCompile(model, sys.argv[2], 1, {}, "auto", command=None).start()
+assert background.current[0] == "whole" and background.notes == [], (background.current[0], background.notes)
+timings = {}
+tokens = generate.generate(model, torch.tensor(eval(sys.argv[4])), 40, max_seq_length=int(sys.argv[3]),
+                           timings=timings, background=background)
+assert set(timings["stages"]) == {"whole"}
+print(tokens.tolist())
+"""
+
+
+@pytest.mark.slow
+def test_saved_step_loads_with_an_empty_inductor_cache_without_compiling(built, tmp_path):
+    """Another checkout or virtual environment, or /tmp emptied by a reboot: inductor's cache has none of the
+    step's C++. The file carries its binaries, so a new process with an empty cache loads it, the C++ compiler
+    never runs (it raises there), and the tokens are eager's."""
+    checkpoint, eager, _, _, _ = built
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-inductor-cache")}
+    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_COMPILER, str(ROOT), str(checkpoint),
+                             str(CACHE_LENGTH), str(PROMPT.tolist())], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == eager.tolist()
+
+
+@pytest.mark.slow
+def test_step_whose_cpp_would_not_be_found_is_left_to_the_build_process(built, tmp_path):
+    """Saved where Python's headers or the compiler differ, its C++ would be compiled again on load: a decoding
+    process does not load it (quietly: the build process will), the build process does."""
+    checkpoint, eager, _, _, _ = built
+    copy = tmp_path / "model.pth"
+    shutil.copy(checkpoint, copy)
+    shutil.copytree(checkpoint.parent / "compiled", tmp_path / "compiled")
+    for path in (tmp_path / "compiled").glob("*.pt2"):
+        rewrite_header(path, environment='["/elsewhere/include/python3.11", "/elsewhere/lib", [null, "clang++"]]')
+    model = tiny_model(copy)
+    background = compiled_step.BackgroundCompile(model, copy, 1, {}, "auto", command=None).start()
+    assert background.current[0] == "eager" and background.notes == []
+    path = compiled_step.artifact_path(copy, "whole", compiled_step.step_digest(model, "whole", {}))
+    step, note = compiled_step.load_step(path, same_environment_only=False)
+    assert note is None and step is not None
+
+
+def test_compiled_cpp_is_named_alike_under_every_install_of_this_torch(monkeypatch, tmp_path):
+    """Inductor names a compiled file after its source and the compiler's command line, which holds torch's
+    install path; under portable_cpp_cache two installs (checkouts, virtual environments) give one name, and
+    other flags still another. Every C++ source is recorded for save_step."""
+    from torch._inductor import codecache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    compiled_step.portable_cpp_cache()
+    source, names = "int answer() { return 42; }", []
+    for root in ("/venv-a/lib/python3.11/site-packages/torch", "/home/b/clone/.venv/lib/python3.11/site-packages/torch"):
+        monkeypatch.setattr(compiled_step, "TORCH_ROOTS", [root])
+        names.append(codecache.write(source, "main.cpp", extra=f"g++ -O3 -I{root}/include -L{root}/lib")[0])
+        assert compiled_step.compiled_sources[-1] == ("main.cpp", str(tmp_path / names[-1][1:3] / f"{names[-1]}.main.cpp"))
+    assert names[0] == names[1]
+    assert codecache.write(source, "main.cpp", extra=f"g++ -O1 -I{root}/include -L{root}/lib")[0] != names[0]
+    assert codecache.write(source, "txt", extra=f"-I{root}/include")[0] != codecache.write(source, "txt", extra="-I/x")[0]
 
 
 @pytest.mark.slow
