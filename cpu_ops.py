@@ -116,10 +116,17 @@ def load() -> bool:
         baton = build_dir / "lock"  # left behind by a build that was killed, it would make every later one wait
         if baton.exists() and time.time() - baton.stat().st_mtime > STALE_BUILD_LOCK_S:
             baton.unlink(missing_ok=True)
-        if first_build:
-            print("building the native CPU kernels for this machine (once, about 30 s)...", file=sys.stderr)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *target, "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        built = build_dir / f"{name}.so"
+        if built.exists() and not baton.exists():
+            # Built before, by this or another virtual environment of the same torch (the name says so): loaded
+            # as it is. Through cpp_extension.load, ninja would compile it again from another environment, whose
+            # command line names its own torch's include paths, and again back here: 25 s each time.
+            torch.ops.load_library(str(built))
+        else:
+            if first_build:
+                print("building the native CPU kernels for this machine (once, about 30 s)...", file=sys.stderr)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *target, "-fopenmp"],
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         if first_build:
             print(f"native CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         _register_fakes()  # here, eagerly: a first call to ops() may come while torch.compile traces

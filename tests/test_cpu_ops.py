@@ -202,6 +202,29 @@ def test_a_failed_native_build_falls_back_with_one_warning(monkeypatch):
     assert module.path_names(1) == ["aten"] and set(module.paths.values()) == {"aten"}
 
 
+def test_built_native_kernels_load_without_the_compiler():
+    """A library built before (by this or another virtual environment of the same torch) is loaded as it is:
+    through cpp_extension.load, another environment's include paths would make ninja compile it again."""
+    import subprocess
+    import sys
+
+    if not cpu_ops.load():
+        pytest.skip("the native kernels do not build on this machine")
+    script = f"""
+import sys
+from torch.utils import cpp_extension
+def no_compiler(**kwargs):
+    raise RuntimeError("the compiler was called")
+cpp_extension.load = no_compiler
+sys.path.insert(0, {str(cpu_ops.SOURCE.parent)!r})
+import cpu_ops
+assert cpu_ops.load()
+print(callable(cpu_ops.ops().int4_linear))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+
+
 def test_layers_take_their_measured_paths(tmp_path, monkeypatch):
     """The cached choice decides the path per number of rows, and the layouts no chosen path needs are freed."""
     path = tmp_path / "choices.json"
