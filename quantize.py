@@ -13,6 +13,7 @@ The tied output projection of models like SmolLM2 gets its own int8 copy in ever
 lookup stays in float): it is a fifth of SmolLM2's weight bytes. `--output_projection int4` makes it int4 in
 the int4 modes, as llama.cpp's Q4_0 files have it (a third fewer bytes per token, for a little quality).
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,16 @@ from model import FeedForward, Transformer, quantize_kv
 from tokenizer import load_tokenizer
 
 GROUP_SIZES = (32, 64, 128, 256)
+PER_CHANNEL = 0  # `--groupsize channel`: one scale (int4: and zero) per output channel, over all its inputs
+
+
+def groupsize_arg(text: str) -> int:
+    """The --groupsize flag's type (quantize.py, scripts/qat.py): one of GROUP_SIZES, or "channel" (PER_CHANNEL)."""
+    if text == "channel":
+        return PER_CHANNEL
+    if text.isdigit() and int(text) in GROUP_SIZES:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"invalid choice: {text} (choose from {', '.join(map(str, GROUP_SIZES))}, channel)")
 # On CPU the int8/int4 kernels are fast with 16-bit activations only (measured here: float32 activations
 # 10-25x slower), so float32 activations are rounded to bfloat16 for the product and the result cast back.
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -69,14 +80,15 @@ def dequantize_int8(q: Tensor, scales: Tensor) -> Tensor:
     return (q.float().reshape(q.shape[0], scales.shape[1], -1) * scales).reshape(q.shape)
 
 
-def quantize_int4(weight: Tensor, groupsize: int):
-    """Asymmetric per group of `groupsize` inputs: weight ≈ (q - 8) * scale + zero, q in [0, 15].
+def quantize_int4(weight: Tensor, groupsize=None):
+    """Asymmetric per group of `groupsize` inputs (None: one group per output channel, all its inputs):
+    weight ≈ (q - 8) * scale + zero, q in [0, 15].
 
     This (q - 8) * scale + zero form is what the CPU and CUDA int4 kernels compute; a GGUF Q4_1 block
     (d * q + m) is the same with scale = d, zero = m + 8 d.
     """
     out_features, in_features = weight.shape
-    groups = weight.float().reshape(out_features, in_features // groupsize, groupsize)
+    groups = weight.float().reshape(out_features, -1, groupsize or in_features)
     scales, zeros = int4_group_params(groups)
     q = int4_codes(groups, scales[..., None], zeros[..., None]).to(torch.uint8)
     return q.reshape(out_features, in_features), scales, zeros
@@ -102,9 +114,9 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
-def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, groupsize=None) -> Tensor:
     out_features, in_features = q.shape
-    groups = q.float().reshape(out_features, in_features // groupsize, groupsize) - 8
+    groups = q.float().reshape(out_features, -1, groupsize or in_features) - 8
     return (groups * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
 
 
@@ -252,12 +264,14 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """int4 weights, asymmetric per group of inputs (quantize_int4), two per byte on disk."""
+    """int4 weights, asymmetric per group of inputs (quantize_int4), two per byte on disk. `groupsize` None: one
+    group per output channel (self.groupsize is then in_features, which is how the native kernels take it)."""
 
     activation_bits = None  # as Int8Linear's
 
-    def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False, device=None):
+    def __init__(self, in_features: int, out_features: int, groupsize=None, bias: bool = False, device=None):
         super().__init__()
+        groupsize = groupsize or in_features
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         groups = in_features // groupsize
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
@@ -266,7 +280,7 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, groupsize: int) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, groupsize=None) -> "Int4Linear":
         module = cls(linear.in_features, linear.out_features, groupsize, linear.bias is not None)
         q, module.scales, module.zeros = quantize_int4(linear.weight.detach(), groupsize)
         module.weight = pack_int4(q)
@@ -279,15 +293,19 @@ class Int4Linear(nn.Module):
         CPU paths and keep only the layouts of the ones chosen (one copy of the weights in memory, two at most)."""
         q = unpack_int4(self.weight)
         scales, zeros = self.scales, self.zeros
-        del self.weight, self.scales, self.zeros  # the packed copies replace them
-        # The ATen kernels take [groups, out_features, 2] (scale, zero) in the activations' dtype.
-        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(kernel_dtype(dtype, q.device.type)),
-                             persistent=False)
+        # ATen's CPU kernel and CUDA's tinygemm take groups of 32-256 inputs only. A layer with other groups (one
+        # per channel) keeps the file's layout for the "dequant" path (prompts) and decodes natively.
+        aten_groups = self.groupsize in GROUP_SIZES
+        if aten_groups or q.device.type != "cpu":
+            del self.weight, self.scales, self.zeros  # the packed copies replace them
+            # The ATen kernels take [groups, out_features, 2] (scale, zero) in the activations' dtype.
+            scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+            self.register_buffer("scales_and_zeros", scales_and_zeros.to(kernel_dtype(dtype, q.device.type)),
+                                 persistent=False)
         if q.device.type != "cpu":  # CUDA wants [N, K/2] bytes with the even column in the high nibble, then tiles
             self.paths = {}
             inner_k_tiles = [t for t in CUDA_INT4_INNER_K_TILES if self.in_features % (16 * t) == 0]
-            if not inner_k_tiles or self.out_features % 8:  # a shape tinygemm cannot tile: the dequantized weights
+            if not aten_groups or not inner_k_tiles or self.out_features % 8:  # tinygemm cannot take it: dequantized
                 self.register_buffer("dequantized", dequantize_int4(q, scales, zeros, self.groupsize).to(dtype),
                                      persistent=False)
                 del self.scales_and_zeros
@@ -297,9 +315,9 @@ class Int4Linear(nn.Module):
                                                                                       inner_k_tiles[0]),
                                  persistent=False)
             return
-        # (The CPU layout changed in torch 2.5; this is the newer one.)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
-                             persistent=False)
+        if aten_groups:  # (The CPU layout changed in torch 2.5; this is the newer one.)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+                                 persistent=False)
         if cpu_ops.load() and self.in_features % cpu_ops.BLOCK == 0:
             for name, tensor in zip(("tiles", "tile_d", "tile_m"), cpu_ops.int4_tiles(q, scales, zeros)):
                 self.register_buffer(name, tensor, persistent=False)
@@ -307,26 +325,32 @@ class Int4Linear(nn.Module):
         chosen = set(self.paths.values()) or {"aten"}
         if "native" not in chosen and hasattr(self, "tiles"):
             del self.tiles, self.tile_d, self.tile_m
-        if "aten" not in chosen:
+        if "aten" not in chosen and aten_groups:
             del self.packed, self.scales_and_zeros
 
     def decode_tensors(self) -> list:
         """What one decoded token reads (memory.weight_bytes): the layout of its one-token path."""
-        names = {"native": ("tiles", "tile_d", "tile_m"), "aten": ("packed", "scales_and_zeros")}.get(one_token_path(self), ())
+        names = {"native": ("tiles", "tile_d", "tile_m"), "aten": ("packed", "scales_and_zeros"),
+                 "dequant": ("weight", "scales", "zeros")}.get(one_token_path(self), ())
         tensors = [getattr(self, name) for name in names if hasattr(self, name)] or list(self.buffers(recurse=False))
         return tensors + ([self.bias] if self.bias is not None else [])
 
     def path_names(self, rows) -> list:
         """The paths whose weight layouts this layer holds (prepare_for_device frees those not chosen); prompts
-        keep the weight-only ATen kernel, as for int8 (so a layer that decodes natively holds both layouts)."""
-        names = [name for name, layout in (("aten", "packed"), ("native", "tiles")) if hasattr(self, layout)]
-        return [name for name in names if name == "aten" or rows_bucket(rows) <= ROW_BUCKETS[-2]] or names
+        keep a weight-only path (ATen's kernel, or the dequantized weights for groups it cannot take), as for
+        int8 (so a layer that decodes natively holds two layouts)."""
+        layouts = (("aten", "packed"), ("dequant", "weight"), ("native", "tiles"))
+        names = [name for name, layout in layouts if hasattr(self, layout)]
+        return [name for name in names if name != "native" or rows_bucket(rows) <= ROW_BUCKETS[-2]] or names
 
     def run_path(self, path: str, x: Tensor) -> Tensor:
         if path == "native":
             return cpu_ops.ops().int4_linear(x, self.tiles, self.tile_d, self.tile_m, self.groupsize, self.out_features)
         if hasattr(self, "dequantized"):
             return F.linear(x, self.dequantized.to(x.dtype))
+        if path == "dequant":  # float32 dequantization rounded once, as Int8Linear's
+            weight = dequantize_int4(unpack_int4(self.weight), self.scales, self.zeros, self.groupsize)
+            return F.linear(x, weight.to(x.dtype))
         x2 = kernel_input(x)
         if x.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)
@@ -440,7 +464,8 @@ def one_token_path(module) -> str:
 def path_key(module, dtype=None) -> str:
     """'int8 per-channel 1536x576 bfloat16': what a path choice depends on (with the activations' dtype)."""
     kind = "int4" if isinstance(module, Int4Linear) else "int8"
-    group = f"g{module.groupsize}" if module.groupsize else "per-channel"
+    per_channel = not module.groupsize or (kind == "int4" and module.groupsize == module.in_features)
+    group = "per-channel" if per_channel else f"g{module.groupsize}"
     key = f"{kind} {group} {module.out_features}x{module.in_features}"
     return key if dtype is None else f"{key} {str(dtype).removeprefix('torch.')}"
 
@@ -491,12 +516,14 @@ def choose_compiled_paths(models: list, dtype, choices):
 # ---------------------------------------------------------------- GPTQ
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: int = 128, damping: float = 0.01):
+def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize=None, blocksize: int = 128, damping: float = 0.01):
     """GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's rounding error onto the
     columns not yet quantized through the inverse Hessian of the layer's inputs, so that the layer's output
-    on the calibration data, not its weights, stays close. Returns q [N, K] (0..15), scales, zeros [N, K/g]."""
+    on the calibration data, not its weights, stays close. Returns q [N, K] (0..15), scales, zeros [N, K/g]
+    (groupsize None: one group per output channel, its range taken from the weights before any update)."""
     W = weight.float().clone()
     out_features, in_features = W.shape
+    groupsize = groupsize or in_features
     H = hessian.clone()
     dead = torch.diag(H) == 0  # inputs never seen in calibration: their weights cannot matter there
     H[dead, dead] = 1
@@ -512,8 +539,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: in
         for i in range(end - start):
             column = start + i
             if column % groupsize == 0:  # the group's range from its columns as they are now, errors included
-                group = column // groupsize
-                scales[:, group], zeros[:, group] = int4_group_params(block[:, i:i + groupsize])
+                group = column // groupsize  # (a group wider than the block: its later columns as W has them)
+                columns = torch.cat([block[:, i:i + groupsize], W[:, end:column + groupsize]], dim=1)
+                scales[:, group], zeros[:, group] = int4_group_params(columns)
             scale, zero = scales[:, column // groupsize], zeros[:, column // groupsize]
             w = block[:, i]
             code = int4_codes(w, scale, zero)
@@ -763,7 +791,7 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     if mode == "int4-gptq":
         if calibration_file is not None and not Path(calibration_file).is_file():
             raise UsageError(f"calibration file {calibration_file} not found")
-        if blocksize % groupsize:
+        if groupsize and blocksize % groupsize:
             raise UsageError(f"--blocksize {blocksize} must be a multiple of --groupsize {groupsize}")
         model = model.float()  # calibration and GPTQ's algebra in float32
         sequences = calibration_sequences(model, path.parent, calibration_file, calibration_samples, calibration_length)
@@ -779,7 +807,8 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
     checkpoint.save(output, args, state_dict, quantization)
     before, after = path.stat().st_size, output.stat().st_size
     if mode != "int8":
-        detail = f" (group size {groupsize}; output projection {quantization['layers'].get('output', 'absent')})"
+        detail = f" ({f'group size {groupsize}' if groupsize else 'per output channel'}; " \
+                 f"output projection {quantization['layers'].get('output', 'absent')})"
     else:
         detail = f" (group size {groupsize})" if groupsize else " (per output channel)"
     print(f"Quantized {count} linears to {mode}{detail} "
@@ -793,9 +822,10 @@ def run(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, required=True)
     parser.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], required=True)
-    parser.add_argument("--groupsize", type=int, choices=GROUP_SIZES,
-                        help="int4: inputs per group (default 32); int8: one scale per group of this many inputs "
-                             "instead of one per output channel (the default)")
+    parser.add_argument("--groupsize", type=groupsize_arg, metavar="{32,64,128,256,channel}",
+                        help="int4: inputs per group (default 32), or `channel`: one group per output channel "
+                             "(model_int4.pth); int8: one scale per group of this many inputs instead of one per "
+                             "output channel (the default)")
     parser.add_argument("--output_projection", choices=OUTPUT_KINDS, default="int8",
                         help="int4 modes: the output projection's kind (int4 as llama.cpp's Q4_0; default int8: "
                              "better quality, more bytes per token)")
@@ -807,9 +837,10 @@ def run(argv=None):
     args = parser.parse_args(argv)
     if args.calibration_samples < 1 or args.calibration_length < 2 or args.blocksize < 1 or not 0 <= args.damping < 1:
         parser.error("need --calibration_samples >= 1, --calibration_length >= 2, --blocksize >= 1, 0 <= --damping < 1")
-    quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize or 32, args.calibration_file,
+    int4_groupsize = 32 if args.groupsize is None else args.groupsize or None  # PER_CHANNEL -> None
+    quantize_checkpoint(args.checkpoint_path, args.mode, int4_groupsize, args.calibration_file,
                         args.calibration_samples, args.calibration_length, args.blocksize, args.damping,
-                        int8_groupsize=args.groupsize, output_kind=args.output_projection)
+                        int8_groupsize=args.groupsize or None, output_kind=args.output_projection)
 
 
 def main(argv=None):

@@ -265,7 +265,11 @@ def keep_rows(module: nn.Module, name: str, ranges: list):
 
 def keep_columns(module: nn.Module, name: str, start: int, end: int, keep_bias: bool):
     """Keep the input columns [start, end) of a linear whose partial outputs are then summed over ranks."""
-    if isinstance(module, quantize.Int4Linear):
+    if isinstance(module, quantize.Int4Linear) and module.groupsize == module.in_features:
+        # one group per channel: every rank keeps each row's scale and zero, as int8 per channel does
+        replace(module, "weight", module.weight[:, start // 2:end // 2].clone())
+        module.groupsize = end - start
+    elif isinstance(module, quantize.Int4Linear):
         size = module.groupsize
         if start % size or end % size:
             raise DistributedError(f"{name}: this rank's input columns {start}-{end} of {module.in_features} do not "
@@ -288,8 +292,9 @@ def all_reduce_output(module: nn.Module, inputs, output: Tensor, group) -> Tenso
 
 def mlp_unit(feed_forward: nn.Module) -> int:
     """MLP rows go to ranks in whole units: int4 w2 columns by groups, int4 w1/w3 rows by 16 (kernel tiles)."""
-    if isinstance(feed_forward.w2, quantize.Int4Linear):
-        return feed_forward.w2.groupsize
+    if isinstance(feed_forward.w2, quantize.Int4Linear):  # per channel: whole blocks of the native kernel's 32
+        w2 = feed_forward.w2
+        return w2.groupsize if w2.groupsize != w2.in_features else 32
     if any(isinstance(m, quantize.Int4Linear) for m in (feed_forward.w1, feed_forward.w3)):
         return 16
     return 1

@@ -222,7 +222,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", type=Path, required=True, help="the float model.pth (the teacher)")
     parser.add_argument("--mode", choices=["int8", "int4"], required=True)
-    parser.add_argument("--groupsize", type=int, help="int4: inputs per group (default 64; 32, 64, 128, 256); int8: "
+    parser.add_argument("--groupsize", type=quantize.groupsize_arg, metavar="{32,64,128,256,channel}",
+                        help="int4: inputs per group (default 64), or `channel`: one group per output channel; int8: "
                         "one scale per group of this many inputs instead of one per output channel (the default)")
     parser.add_argument("--activation_bits", type=int, choices=[8], help="round each layer's inputs to 8 bits per token "
                         "(W4A8 / W8A8); the checkpoint records it and inference rounds them too")
@@ -244,9 +245,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.mode == "int4" and args.groupsize is None:
         args.groupsize = 64
-    checks = [(args.groupsize is not None and args.groupsize not in quantize.GROUP_SIZES,
-               f"--groupsize must be one of {', '.join(map(str, quantize.GROUP_SIZES))}"),
-              (args.steps < 1, "--steps must be at least 1"), (args.samples < 1, "--samples must be at least 1"),
+    args.groupsize = args.groupsize or None  # quantize.PER_CHANNEL: None, as the quantization record has it
+    checks = [(args.steps < 1, "--steps must be at least 1"), (args.samples < 1, "--samples must be at least 1"),
               (args.length < 2, "--length must be at least 2"),
               (args.batch_size < 1 or args.accumulation < 1, "--batch_size and --accumulation must be at least 1"),
               (args.save_every < 1, "--save_every must be at least 1"), (args.lr <= 0, "--lr must be positive"),
@@ -299,7 +299,7 @@ def run(argv=None):
     write_quantized(student, quantization, output, args.activation_bits, args.kv_bits)
     state_path.unlink(missing_ok=True)
     losses = result["losses"]
-    print(f"QAT {args.mode}{f' g{args.groupsize}' if args.groupsize else ''}: {count} linears, {args.steps} steps of "
+    print(f"QAT {args.mode} {f'g{args.groupsize}' if args.groupsize else 'per channel'}: {count} linears, {args.steps} steps of "
           f"{args.batch_size * args.accumulation} x {args.length} tokens on {len(data)} sequences, distillation loss "
           f"{losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of the last 10 steps), "
           f"{time.perf_counter() - start:.0f} s in all, {result['tokens'] / max(result['seconds'], 1e-9):.0f} "

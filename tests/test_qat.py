@@ -108,6 +108,36 @@ def test_int8_grouped_checkpoint_gives_the_students_logits(tiny_models, tmp_path
         assert torch.allclose(loaded(data, torch.arange(16)), student_logits, atol=1e-5)
 
 
+def test_int4_per_channel_checkpoint_gives_the_students_logits(tiny_models, tmp_path):
+    """--groupsize channel: one int4 group per output channel (scales [N, 1]); the written model_int4.qat.pth,
+    loaded (the 96-input layers' prompts take the dequantized weights: ATen's kernels take groups of 32-256
+    only), gives the student's logits."""
+    _, _, checkpoint = tiny_models["llama"]
+    args = qat.parse_args(["--checkpoint_path", str(checkpoint), "--mode", "int4", "--groupsize", "channel",
+                           "--batch_size", "2", "--steps", "3", "--lr", "1e-4"])
+    assert args.groupsize is None and qat.output_path(args) == checkpoint.with_name("model_int4.qat.pth")
+    teacher = generate.load_model(checkpoint, "cpu", torch.float32)
+    data = quantize.self_generated_text(teacher, 4, 16, seed=0, greedy_tokens=qat.GREEDY_TOKENS, progress=False)
+    quantization = quantize.plan(teacher, "int4", None)
+    student = generate.load_model(checkpoint, "cpu", torch.float32)
+    quantize.swap_for_qat(student, quantization)
+    for model in (teacher, student):
+        qat.prepare_for_training(model, 16, 4)
+    qat.train(student, teacher, data, args, tmp_path / "state", log=lambda line: None)
+    with torch.no_grad():
+        student_logits = student(data, torch.arange(16))
+    output = tmp_path / "model_int4.qat.pth"
+    qat.write_quantized(student, quantization, output)
+    state = torch.load(output, weights_only=True)["state_dict"]
+    assert state["layers.0.feed_forward.w2.scales"].shape == (64, 1)  # (its 96 inputs: no ATen group size)
+    loaded = generate.load_model(output, "cpu", torch.float32)
+    layers = [m for m in loaded.modules() if isinstance(m, quantize.Int4Linear)]
+    assert layers and all(m.groupsize == m.in_features for m in layers)
+    loaded.setup_caches(4, 16)
+    with torch.no_grad():  # (the 64-input layers' one group is an ATen group size: bfloat16 activations there)
+        assert (loaded(data, torch.arange(16)) - student_logits).abs().max() < 0.03 * student_logits.abs().max()
+
+
 def test_the_script_names_and_records_its_run(tiny_models):
     _, _, checkpoint = tiny_models["qwen3"]
     output = qat.run(tiny_run(checkpoint, "--steps", 2, "--kv_bits", 8, "--overwrite"))
@@ -148,7 +178,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_models, tmp_path, m
 
 @pytest.mark.parametrize("model,flags,message", [
     ("tiny", ["--groupsize", "256"], "no layer of this model can take group size 256"),
-    ("tiny", ["--groupsize", "48"], "--groupsize must be one of 32, 64, 128, 256"),
+    ("tiny", ["--groupsize", "48"], "invalid choice: 48 (choose from 32, 64, 128, 256, channel)"),
     ("tiny", ["--steps", "0"], "--steps must be at least 1"),
     ("tiny", ["--text_file", "{missing}"], "not found"),
     ("tiny", ["--output", "{existing}"], "exists; pass --overwrite"),

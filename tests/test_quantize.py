@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu_ops
 import quantize
 import checkpoint as checkpoint_format
 from convert_hf_checkpoint import convert
@@ -35,17 +36,27 @@ def test_int8_linear_matches_dequantized_reference(bias, groupsize):
         assert torch.equal(module(x), torch.nn.functional.linear(x, dequantized.to(torch.bfloat16)) + module.bias)
 
 
-@pytest.mark.parametrize("groupsize", quantize.GROUP_SIZES)
+@pytest.mark.parametrize("groupsize", [*quantize.GROUP_SIZES, None])
 def test_int4_linear_matches_dequantized_reference(groupsize):
+    """Every group size, and None: one group per output channel (scales [N, 1], which ATen's kernels cannot take:
+    prompts dequantize, decoded rows take the native kernel where it builds)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 64, bias=True)
     module = Int4Linear.from_linear(linear, groupsize)
+    assert module.scales.shape == (64, 512 // (groupsize or 512))
     dequantized = dequantize_int4(unpack_int4(module.weight), module.scales, module.zeros, groupsize)
-    steps = module.scales.repeat_interleave(groupsize, dim=1)
+    steps = module.scales.repeat_interleave(groupsize or 512, dim=1)
     assert ((dequantized - linear.weight).abs() <= steps / 2 + 1e-6).all()  # each weight within half a step
-    module.prepare_for_device(torch.bfloat16)
+    module.prepare_for_device(torch.bfloat16, cpu_ops.KernelChoices(path=None))
     x = torch.randn(2, 7, 512, dtype=torch.bfloat16)
-    assert close_to(module(x), torch.nn.functional.linear(x.float(), dequantized, linear.bias))
+    reference = torch.nn.functional.linear(x.float(), dequantized, linear.bias)
+    assert close_to(module(x), reference)
+    for rows in (1, 4, 64):  # each number of rows by every path this layer holds
+        for path in module.path_names(rows):
+            y = module.run_path(path, x.reshape(-1, 512)[:rows]) + module.bias
+            assert close_to(y, reference.reshape(-1, 64)[:rows]), path
+    if groupsize is None:
+        assert "aten" not in module.path_names(64) and "dequant" in module.path_names(64)
 
 
 def test_int4_pack_round_trip():
@@ -90,6 +101,29 @@ def test_grouped_int8_from_the_command_line(tiny_models, capsys):
     model = load_model(output, "cpu", torch.float32)
     assert model.layers[0].feed_forward.w1.scales.shape == (96, 1)
     assert generate(model, torch.arange(4), 4).shape == (1, 8)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int4-gptq"])
+def test_int4_per_channel_from_the_command_line(mode, tiny_models, capsys):
+    """--groupsize channel: one int4 scale and zero per output channel (model_int4.pth; the record's group size
+    None); every layer dequantizes to round-to-nearest's weights (GPTQ: to its own codes on that one range per
+    row); the model decodes, also through the native kernel's one group per row."""
+    _, _, checkpoint = tiny_models["qwen2"]
+    main(["--checkpoint_path", str(checkpoint), "--mode", mode, "--groupsize", "channel", "--calibration_samples", "2",
+          "--calibration_length", "16"])
+    assert "per output channel" in capsys.readouterr().out
+    output = checkpoint.parent / f"model_{mode}.pth"
+    record = checkpoint_format.load(output).quantization
+    assert record["groupsize"] is None and all(kind in ("int4", "int8") for kind in record["layers"].values())
+    float_model = load_model(checkpoint, "cpu", torch.float32)
+    state = checkpoint_format.load(output).state_dict
+    weight = float_model.layers[0].attention.wqkv.weight.detach()
+    codes, scales, zeros = (state[f"layers.0.attention.wqkv.{name}"] for name in ("weight", "scales", "zeros"))
+    assert scales.shape == (weight.shape[0], 1)
+    if mode == "int4":
+        assert torch.equal(dequantize_int4(unpack_int4(codes), scales, zeros), quantize.fake_quantize_weight(weight, "int4"))
+    model = load_model(output, "cpu", torch.bfloat16)
+    assert generate(model, torch.arange(5), 8).shape == (1, 13)
 
 
 def test_int4_output_projection_from_the_command_line(tiny_models, capsys):
@@ -280,6 +314,16 @@ def test_gptq_with_identity_hessian_is_round_to_nearest():
     q, scales, zeros = quantize.gptq_quantize(weight, torch.eye(128), groupsize=32, blocksize=64, damping=0.0)
     reference = quantize.quantize_int4(weight, 32)
     assert torch.equal(q, reference[0])
+    assert torch.allclose(scales, reference[1]) and torch.allclose(zeros, reference[2])
+
+
+def test_gptq_per_channel_with_identity_hessian_is_round_to_nearest():
+    """One group per row, wider than GPTQ's block of columns: its range is the whole row's (not the first block's)."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 256)
+    q, scales, zeros = quantize.gptq_quantize(weight, torch.eye(256), groupsize=None, blocksize=64, damping=0.0)
+    reference = quantize.quantize_int4(weight)
+    assert scales.shape == (16, 1) and torch.equal(q, reference[0])
     assert torch.allclose(scales, reference[1]) and torch.allclose(zeros, reference[2])
 
 

@@ -69,15 +69,19 @@ class OnePath:
 
 
 @pytest.mark.parametrize("kind,path", [("float", None), ("int8", "aten"), ("int8", "native"),
-                                       ("int4", "aten"), ("int4", "native")])
+                                       ("int4", "aten"), ("int4", "native"), ("int4 per channel", "dequant"),
+                                       ("int4 per channel", "native")])
 def test_row_and_column_shards_recompose_the_layer(kind, path):
     """Rows concatenated and column partial sums added give the unsplit layer's output, for each format and CPU
-    path; int4 columns split on group boundaries (three groups over two ranks: 32 + 64 columns)."""
+    path; int4 columns split on group boundaries (three groups over two ranks: 32 + 64 columns); int4 per
+    channel (one group of 96) in blocks of 32, every rank keeping each row's scale and zero."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 48, bias=True)
     module = {"float": linear, "int8": quantize.Int8Linear.from_linear(linear),
-              "int4": quantize.Int4Linear.from_linear(linear, 32)}[kind]
-    rows, columns = row_and_column_shards(module, 2, *((16, 32) if kind == "int4" else (1, 1)))
+              "int4": quantize.Int4Linear.from_linear(linear, 32),
+              "int4 per channel": quantize.Int4Linear.from_linear(linear, None)}[kind]
+    int4 = kind.startswith("int4")
+    rows, columns = row_and_column_shards(module, 2, *((16, 32) if int4 else (1, 1)))
     if kind != "float":
         if path == "native" and not cpu_ops.load():
             pytest.skip("the native CPU kernels did not build here")
@@ -87,9 +91,9 @@ def test_row_and_column_shards_recompose_the_layer(kind, path):
         assert all(shard.paths[3] == path for shard in [module, *rows])
     x = torch.randn(3, 96).to(torch.float32 if kind == "float" else torch.bfloat16)
     full = module(x).float()
-    assert [shard.out_features for shard in rows] == ([16, 32] if kind == "int4" else [24, 24])
+    assert [shard.out_features for shard in rows] == ([16, 32] if int4 else [24, 24])
     assert torch.allclose(torch.cat([shard(x).float() for shard in rows], dim=-1), full, atol=1e-6)
-    assert [span for _, span in columns] == ([(0, 32), (32, 96)] if kind == "int4" else [(0, 48), (48, 96)])
+    assert [span for _, span in columns] == ([(0, 32), (32, 96)] if int4 else [(0, 48), (48, 96)])
     partial = sum(shard(x[:, a:b].contiguous()).float() for shard, (a, b) in columns)
     assert torch.allclose(partial, full, atol=0.05 if kind != "float" else 1e-5)  # bf16 kernels round each part
     assert columns[0][0].bias is not None and columns[1][0].bias is None  # the bias is added once
