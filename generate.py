@@ -238,6 +238,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, shard: Optio
     model = model.to(device=device, dtype=dtype).eval()
     if ckpt.quantization:
         quantize.prepare_for_device(model, dtype)
+    if torch.device(device).type == "cpu":
+        memory.place_in_huge_pages(model)
     # None (--kv_cache_dtype auto): what the checkpoint was trained for (scripts/qat.py --kv_bits), else --dtype
     model.kv_cache_dtype = kv_cache_dtype or trained_for
     return model

@@ -28,15 +28,12 @@ Communication is counted in small int64 buffers on the modules that communicate,
 count also runs inside a compiled graph): [one-token calls, longer calls] x [messages, bytes].
 """
 import contextlib
-import ctypes
 import functools
-import mmap
 import os
 import sys
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -45,6 +42,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
+import memory
 import quantize
 from cli import UsageError
 from model import Transformer
@@ -213,41 +211,14 @@ def replace(module: nn.Module, name: str, tensor: Optional[Tensor]):
     release(old)
 
 
-def checkpoint_mappings() -> list:
-    """Address ranges of the memory-mapped checkpoint files (*.pth) in this process (Linux; else none)."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 6 and parts[-1].endswith(".pth"):
-            start, end = (int(a, 16) for a in parts[0].split("-"))
-            ranges.append((start, end))
-    return ranges
-
-
 MAPPINGS = []  # filled by each shard call: the checkpoint was mapped just before
-MADV_DONTNEED = 4
 
 
 def release(tensor: Optional[Tensor]):
-    """Drop a memory-mapped source tensor's pages from this process once its slice is copied.
-
-    Slicing columns touches every page of a weight, and touched pages of the file mapping count in the
-    resident set for as long as the mapping lives (the embedding and norms keep it alive), so without this a
-    rank's peak would hold most of the file. They are clean private pages of the file: dropping them is safe,
-    a later touch re-reads them. Tensors outside a checkpoint mapping (built in memory) are left alone."""
-    if tensor is None or tensor.device.type != "cpu" or tensor.is_meta:
-        return
-    page = mmap.PAGESIZE
-    first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    for start, end in MAPPINGS:
-        if start <= first and last <= end:
-            low, high = max(start, first // page * page), min(end, -(-last // page) * page)
-            ctypes.CDLL(None).madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), MADV_DONTNEED)
-            return
+    """Drop a memory-mapped source tensor's pages from this process once its slice is copied: slicing columns
+    touches every page of a weight, and without this a rank's peak would hold most of the file
+    (memory.release_mapped_pages)."""
+    memory.release_mapped_pages(tensor, MAPPINGS)
 
 
 def keep_rows(module: nn.Module, name: str, ranges: list):
@@ -302,7 +273,7 @@ def mlp_unit(feed_forward: nn.Module) -> int:
 
 def shard_tensor_parallel(model: Transformer, layout: Layout) -> Transformer:
     args, rank, world = model.args, layout.rank, layout.world_size
-    MAPPINGS[:] = checkpoint_mappings()
+    MAPPINGS[:] = memory.checkpoint_mappings()
     if args.n_local_heads < world:
         raise DistributedError(f"tensor parallel over {world} processes needs at least {world} KV heads (each rank "
                                f"keeps whole heads), but this model has {args.n_head} heads and {args.n_local_heads} "
