@@ -33,6 +33,15 @@ from model import FeedForward, Transformer, quantize_kv
 from tokenizer import load_tokenizer
 
 GROUP_SIZES = (32, 64, 128, 256)
+# On CPU the int8/int4 kernels are fast with 16-bit activations only (measured here: float32 activations
+# 10-25x slower), so float32 activations are rounded to bfloat16 for the product and the result cast back.
+CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# CUDA's int4 kernel (tinygemm) takes bfloat16 activations and scales only.
+CUDA_INT4_INNER_K_TILES = (8, 4, 2)  # its packed layout's tiles of 16 inputs: the widest that divides K
+
+
 PER_CHANNEL = 0  # `--groupsize channel`: one scale (int4: and zero) per output channel, over all its inputs
 
 
@@ -43,13 +52,6 @@ def groupsize_arg(text: str) -> int:
     if text.isdigit() and int(text) in GROUP_SIZES:
         return int(text)
     raise argparse.ArgumentTypeError(f"invalid choice: {text} (choose from {', '.join(map(str, GROUP_SIZES))}, channel)")
-# On CPU the int8/int4 kernels are fast with 16-bit activations only (measured here: float32 activations
-# 10-25x slower), so float32 activations are rounded to bfloat16 for the product and the result cast back.
-CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-
-
-# CUDA's int4 kernel (tinygemm) takes bfloat16 activations and scales only.
-CUDA_INT4_INNER_K_TILES = (8, 4, 2)  # its packed layout's tiles of 16 inputs: the widest that divides K
 
 
 def kernel_dtype(dtype, device_type: str = "cpu"):
