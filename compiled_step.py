@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 import cpu_ops
-import kernels
+import decode_kernels
 import quantize
 import sampling
 
@@ -231,7 +231,7 @@ def global_state_guards_only(guard_entries) -> list:
 
 
 def build_step(model: torch.nn.Module, stage: str, batch_size: int, sampling_options: dict):
-    """sampling.decode_one_token compiled ahead of time for this model: "regional" or "whole" (kernels.py)."""
+    """sampling.decode_one_token compiled ahead of time for this model: "regional" or "whole" (decode_kernels.py)."""
     device = model.norm.weight.device
     example = (model, torch.zeros(batch_size, 1, dtype=torch.long, device=device),
                torch.zeros(1, dtype=torch.long, device=device))
@@ -270,7 +270,7 @@ def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options
                  log=print):
     """What the build process does (generate.py --compile_only): each stage of `mode` loaded if saved and
     fitting this machine, else built and saved; the kernel paths measured first (unless cached)."""
-    kernels.swap_decode_modules([model], "regional")
+    decode_kernels.swap_decode_modules([model], "regional")
     portable_cpp_cache()
     folder = Path(checkpoint_path).parent / "compiled"
     cpu_ops.MEASURING = FileLock(folder / ".measuring.lock")  # a decoding process waits while we time
@@ -301,11 +301,11 @@ def build_stages(model, checkpoint_path: Path, batch_size: int, sampling_options
 def choose_paths(model):
     """Each layer's one-token path under compile, measured on this machine (cached: cpu_ops.KernelChoices)."""
     choices = cpu_ops.KernelChoices()
-    kernels.choose_float_paths([model], choices)
-    kernels.choose_attention_paths([model], choices)
+    decode_kernels.choose_float_paths([model], choices)
+    decode_kernels.choose_attention_paths([model], choices)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     quantize.choose_compiled_paths([model], dtype, choices)
-    kernels.choose_block_paths([model], choices)
+    decode_kernels.choose_block_paths([model], choices)
 
 
 class BackgroundCompile:
@@ -322,7 +322,7 @@ class BackgroundCompile:
 
     def __init__(self, model, checkpoint_path: Path, batch_size: int, sampling_options: dict, mode: str = "auto",
                  command: Optional[list] = None):
-        kernels.swap_decode_modules([model], "regional")  # eager computation is unchanged
+        decode_kernels.swap_decode_modules([model], "regional")  # eager computation is unchanged
         self.model, self.command = model, command
         self.cache_size = (model.max_batch_size, model.max_seq_length)
         self.stages = STAGES[mode]

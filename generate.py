@@ -20,7 +20,7 @@ import checkpoint
 import compiled_step
 import cpu_ops
 import drafting
-import kernels
+import decode_kernels
 import memory
 import pipeline
 import quantize
@@ -171,8 +171,8 @@ EAGER_FUNCTIONS = {"decode_one_token": decode_one_token, "prefill": prefill}
 
 def compile_functions(models: list, device, compile_prefill: bool = False, drafter=None, mode: str = "whole"):
     """Compile the decode step (and optionally prefill, and the drafter's steps) with the decode kernel paths
-    of `device` (kernels.py) for `models` (the target, and a draft model or Medusa heads). mode (CPU):
-    "regional" compiles one transformer block for all layers, "whole" the step as one C++ graph (kernels.py);
+    of `device` (decode_kernels.py) for `models` (the target, and a draft model or Medusa heads). mode (CPU):
+    "regional" compiles one transformer block for all layers, "whole" the step as one C++ graph (decode_kernels.py);
     under torchrun always "whole" (the ranks' collectives are not tried inside a region); "auto" is "whole".
     This compiles on the first call, which waits for it: what drafting, CUDA, torchrun and --compile_prefill
     use; the plain CPU decode builds its step in the background instead (compiled_step.py).
@@ -188,11 +188,11 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     decode_one_token, prefill = EAGER_FUNCTIONS.values()
     if torch.distributed.is_initialized() or mode == "auto":
         mode = "whole"
-    kernels.use_decode_kernels(models, device, mode=mode)
+    decode_kernels.use_decode_kernels(models, device, mode=mode)
     if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
         quantize.choose_compiled_paths(models, float_dtype(models[0]), cpu_ops.KernelChoices())
         if mode == "whole":  # a decoded token's block in two native calls, where measured faster
-            kernels.choose_block_paths(models, cpu_ops.KernelChoices())
+            decode_kernels.choose_block_paths(models, cpu_ops.KernelChoices())
     cuda_graphs = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
     decode_one_token = torch.compile(decode_one_token, mode=cuda_graphs, fullgraph=True, dynamic=False)
     if drafter is not None:
@@ -542,8 +542,8 @@ def prefill_counts(prompt_tokens: int, reused: int) -> str:
 
 
 def kernel_paths_report(models: list, device) -> str:
-    """Which kernel path each layer shape takes (quantize.py's measured choice; kernels.py's under compile)."""
-    lines = quantize.kernel_paths_summary(models) + kernels.float_paths_summary(models) + kernels.block_paths_summary(models)
+    """Which kernel path each layer shape takes (quantize.py's measured choice; decode_kernels.py's under compile)."""
+    lines = quantize.kernel_paths_summary(models) + decode_kernels.float_paths_summary(models) + decode_kernels.block_paths_summary(models)
     where = cpu_ops.cpu_description() if torch.device(device).type == "cpu" else str(device)
     return "\n".join([f"Kernel paths on {where}:"] + [f"  {line}" for line in lines or ["no quantized or compiled layers"]])
 

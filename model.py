@@ -129,7 +129,7 @@ class KVCache(nn.Module):
 
     def write(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor) -> tuple:
         """Quantized cache: round and store the new entries; the batch's (k_scales, v_scales). Attention that
-        reads int8 entries and their scales itself (kernels.DecodeAttention) calls this instead of update."""
+        reads int8 entries and their scales itself (decode_kernels.DecodeAttention) calls this instead of update."""
         bsz = k_val.shape[0]
         k_scales, v_scales = self.k_scales[:bsz], self.v_scales[:bsz]
         for values, cache, scales in ((k_val, self.k_cache[:bsz], k_scales), (v_val, self.v_cache[:bsz], v_scales)):

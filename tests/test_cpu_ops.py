@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cpu_ops
-import kernels
+import decode_kernels
 import quantize
 from quantize import Int4Linear, Int8Linear, dequantize_int4, dequantize_int8
 
@@ -251,22 +251,22 @@ def test_float_linears_take_their_measured_paths(tmp_path):
     wanted = {rows: ["native", "linear"][rows % 2] if cpu_ops.load() else "linear" for rows in range(1, 9)}
     choices.choices.update({f"float 32x64 float32 rows {rows} compiled": {"path": name, "us": {}}
                             for rows, name in wanted.items()})
-    linear.__class__ = kernels.DecodeLinear
-    kernels.choose_float_paths([model], choices)
+    linear.__class__ = decode_kernels.DecodeLinear
+    decode_kernels.choose_float_paths([model], choices)
     assert linear.paths == wanted
     for path in ["reduction", "linear"] + (["native"] if cpu_ops.load() else []):
         for rows in (1, 3, 4, 5, 8):
             x = torch.randn(2, rows, 64)
             assert torch.allclose(linear.run_path(path, x), x @ linear.weight.T + linear.bias, atol=1e-5), (path, rows)
     if cpu_ops.load():  # an input width that leaves a remainder after the vector loops (16 or 32 at a time)
-        odd = kernels.DecodeLinear(72, 24)
+        odd = decode_kernels.DecodeLinear(72, 24)
         for rows in (1, 2, 3):
             x = torch.randn(rows, 72)
             assert torch.allclose(odd.run_path("native", x), x @ odd.weight.T + odd.bias, atol=1e-5), rows
     x = torch.randn(1, 3, 64, dtype=torch.bfloat16)
     if cpu_ops.load():  # 16-bit weights widened in registers, float32 sums, rounded once
         weight = linear.weight.bfloat16()
-        linear16 = kernels.DecodeLinear(64, 32, dtype=torch.bfloat16)
+        linear16 = decode_kernels.DecodeLinear(64, 32, dtype=torch.bfloat16)
         linear16.weight.data, linear16.bias.data = weight, linear.bias.bfloat16()
         reference = (x.float() @ weight.float().T + linear16.bias.float()).bfloat16()
         assert (linear16.run_path("native", x).float() - reference.float()).abs().max() <= 0.02
@@ -310,7 +310,7 @@ def test_float_gate_and_up_in_one_call(tmp_path):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(FeedForward(ModelArgs(dim=64, intermediate_size=40, n_layer=1, n_head=1, vocab_size=8)))
-    kernels.swap_decode_modules([model], "whole")
+    decode_kernels.swap_decode_modules([model], "whole")
     feed_forward = model[0]
     choices = cpu_ops.KernelChoices(tmp_path / "choices.json")
     for shape in ("40x64", "64x40"):
@@ -318,10 +318,10 @@ def test_float_gate_and_up_in_one_call(tmp_path):
                                 for rows in range(1, 9)})
     choices.choices.update({f"float 40x64 float32 rows {rows} compiled gated": {"path": "gated" if rows != 2 else
                             "separate", "us": {}} for rows in range(1, 9)})
-    kernels.choose_float_paths([model], choices)
-    assert type(feed_forward) is kernels.DecodeFeedForward and feed_forward.gated_rows == {1, 3, 4, 5, 6, 7, 8}
+    decode_kernels.choose_float_paths([model], choices)
+    assert type(feed_forward) is decode_kernels.DecodeFeedForward and feed_forward.gated_rows == {1, 3, 4, 5, 6, 7, 8}
     assert "float 40x64 gate and up: one call (1 row), two calls (2 rows), one call (3-8 rows), two calls (longer inputs)" \
-        in kernels.float_paths_summary([model])
+        in decode_kernels.float_paths_summary([model])
     for rows in (1, 3, 8):
         x = torch.randn(rows, 64)
         reference = torch.nn.functional.silu(x @ feed_forward.w1.weight.T) * (x @ feed_forward.w3.weight.T)
@@ -410,14 +410,14 @@ def test_attention_takes_its_measured_paths(tmp_path):
 
     args = ModelArgs(dim=64, n_head=4, n_local_heads=2, n_layer=1, vocab_size=8, intermediate_size=8)
     attention = Attention(args, 0)
-    attention.__class__ = kernels.DecodeAttention
+    attention.__class__ = decode_kernels.DecodeAttention
     choices = cpu_ops.KernelChoices(tmp_path / "choices.json")
     names = ["sdpa", "native"] if cpu_ops.load() else ["sdpa"]
     wanted = {rows: names[rows % len(names)] for rows in range(1, 9)}
     wanted[1] = "reduction"
-    choices.choices.update({f"attention 4x2x16 float32 rows {rows} cache {kernels.ATTENTION_TIMING_CACHE}":
+    choices.choices.update({f"attention 4x2x16 float32 rows {rows} cache {decode_kernels.ATTENTION_TIMING_CACHE}":
                             {"path": name, "us": {}} for rows, name in wanted.items()})
-    kernels.choose_attention_paths([torch.nn.Sequential(attention)], choices)
+    decode_kernels.choose_attention_paths([torch.nn.Sequential(attention)], choices)
     assert attention.paths == wanted
     torch.manual_seed(0)
     for rows in (1, 3):
@@ -483,7 +483,7 @@ def native_block(tiny_models, family, kind, dtype, tmp_path, cache_length=32, ro
     import generate
 
     model = generate.load_model(tiny_models[family][2], "cpu", dtype, kv_cache_dtype=torch.int8 if int8_cache else None)
-    kernels.swap_decode_modules([model], "whole")
+    decode_kernels.swap_decode_modules([model], "whole")
     block = model.layers[-1]
     if kind != "float":
         for owner, name in BLOCK_LINEARS:
@@ -510,7 +510,7 @@ def module_path_and(run, block, x, rope, mask, position):
     cache = block.attention.kv_cache
     before = [buffer.clone() for buffer in cache.buffers()]
     with torch.no_grad():
-        reference = kernels.TransformerBlock.forward(block, x, rope, mask, position)
+        reference = decode_kernels.TransformerBlock.forward(block, x, rope, mask, position)
         written = [buffer[:, :, position].clone() for buffer in cache.buffers()]
         for buffer, kept in zip(cache.buffers(), before):
             buffer.copy_(kept)
@@ -578,14 +578,14 @@ def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_p
     model = generate.load_model(tiny_models["llama"][2], "cpu", torch.float32, kv_cache_dtype=torch.int8)
     prompt = torch.tensor([3, 17, 42, 5, 9])
     eager = generate.generate(model, prompt, 24)
-    kernels.swap_decode_modules([model], "whole")
+    decode_kernels.swap_decode_modules([model], "whole")
     attention = model.layers[0].attention
     choices = cpu_ops.KernelChoices()
     for rows in range(1, 9):
-        choices.choices[f"attention int8 cache 4x2x16 float32 rows {rows} cache {kernels.ATTENTION_TIMING_CACHE}"] = \
+        choices.choices[f"attention int8 cache 4x2x16 float32 rows {rows} cache {decode_kernels.ATTENTION_TIMING_CACHE}"] = \
             {"path": "native", "us": {}}
-    for rows in kernels.BLOCK_TIMED_ROWS:
-        choices.choices[kernels.block_key(model.layers[0], torch.float32, rows, True)] = \
+    for rows in decode_kernels.BLOCK_TIMED_ROWS:
+        choices.choices[decode_kernels.block_key(model.layers[0], torch.float32, rows, True)] = \
             {"path": "two calls" if block_calls else "module path", "us": {}}
     choices.measured = len(choices.choices)  # written as a measured file would be
     choices.save()
@@ -600,7 +600,7 @@ def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_p
         generate.compile_functions([model], "cpu")
         assert attention.int8_cache_paths == {rows: "native" for rows in range(1, 9)}
         assert "attention 4x2x16 int8 cache: native (1-8 rows), dequantize (longer inputs)" in \
-            kernels.float_paths_summary([model])
+            decode_kernels.float_paths_summary([model])
         assert model.layers[0].native_rows == (frozenset(range(1, 9)) if block_calls else frozenset())
         step = generate.decode_one_token
         generate.decode_one_token = torch.compile(generate.EAGER_FUNCTIONS["decode_one_token"], backend=recording_backend,
@@ -624,15 +624,15 @@ def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_
     model.layers = torch.nn.ModuleList([block])
     model.args = type("Args", (), {"dim": block.attention_norm.weight.shape[0]})()
     choices = cpu_ops.KernelChoices(tmp_path / "block.json")
-    kernels.choose_block_paths([model], choices)
+    decode_kernels.choose_block_paths([model], choices)
     for rows in (1, 4):
-        key = kernels.block_key(block, torch.float32, rows)
+        key = decode_kernels.block_key(block, torch.float32, rows)
         assert choices.choices[key]["path"] in ("two calls", "module path")
         assert set(choices.choices[key]["us"]) == {"two calls", "module path"}
         assert (rows in block.native_rows) == (choices.choices[key]["path"] == "two calls")
     assert (2 in block.native_rows) == (8 in block.native_rows) == (4 in block.native_rows)
     assert 9 not in block.native_rows
-    assert kernels.block_paths_summary([model])[0].startswith(key.removesuffix(" rows 4 compiled") + ": ")
+    assert decode_kernels.block_paths_summary([model])[0].startswith(key.removesuffix(" rows 4 compiled") + ": ")
 
     for rows in (1, 3):  # a decoded token, a verification of 3
         block, rope, mask, position = native_block(tiny_models, "qwen3", "int4 g32", torch.float32, tmp_path,
@@ -658,5 +658,5 @@ def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_
     model.layers = torch.nn.ModuleList([block])
     block.feed_forward.w2.register_forward_hook(lambda module, inputs, output: output)
     assert not block.can_take_native()
-    kernels.choose_block_paths([model], choices)
-    assert not block.native_rows and kernels.block_paths_summary([model]) == []
+    decode_kernels.choose_block_paths([model], choices)
+    assert not block.native_rows and decode_kernels.block_paths_summary([model]) == []

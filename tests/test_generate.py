@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import generate
-import kernels
+import decode_kernels
 from sampling import logits_to_probs, sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def test_decode_linear_equals_linear(bias):
     reference = linear(torch.randn(3, 5, 48))
     decode = torch.nn.Linear(48, 40, bias=bias)
     decode.load_state_dict(linear.state_dict())
-    decode.__class__ = kernels.DecodeLinear
+    decode.__class__ = decode_kernels.DecodeLinear
     x = torch.randn(3, 1, 48)
     assert torch.allclose(decode(x), linear(x), atol=1e-5)
     x = torch.randn(3, 5, 48)  # prefill-shaped input takes the matmul
@@ -176,7 +176,7 @@ def test_grouped_query_attention_equals_repeated_heads():
     reference = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask)
     assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)
-    attention.__class__ = kernels.DecodeAttention  # the CPU compiled decode's version, one query row
+    attention.__class__ = decode_kernels.DecodeAttention  # the CPU compiled decode's version, one query row
     assert torch.allclose(attention.attend(q[:, :, :1], k, v, mask[:, :, :1]), reference[:, :, :1], atol=1e-5)
     assert torch.allclose(attention.attend(q, k, v, mask), reference, atol=1e-5)  # longer: falls back to SDPA
 
@@ -282,7 +282,7 @@ def test_ignore_eos_never_checks_for_a_stop(tiny_models, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", kernels.COMPILE_MODES)
+@pytest.mark.parametrize("mode", decode_kernels.COMPILE_MODES)
 def test_compile_modes_give_eager_tokens(tiny_models, mode):
     """Both CPU compile modes decode exactly eager's greedy tokens in float32 (Qwen2: windowed upper layers,
     qkv bias), with the float and the int8 KV cache: "regional" swaps every block for the one compiled region,
@@ -294,7 +294,7 @@ def test_compile_modes_give_eager_tokens(tiny_models, mode):
     eager, eager_int8_cache = (generate.generate(m, prompt, 24) for m in (model, int8_cache))
     try:
         generate.compile_functions([model, int8_cache], "cpu", mode=mode)
-        block_class = kernels.RegionBlock if mode == "regional" else kernels.DecodeBlock
+        block_class = decode_kernels.RegionBlock if mode == "regional" else decode_kernels.DecodeBlock
         assert all(type(layer) is block_class for layer in model.layers)
         assert torch._inductor.config.cpp_wrapper == (mode == "whole")
         assert torch.equal(generate.generate(model, prompt, 24), eager)

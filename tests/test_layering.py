@@ -10,7 +10,7 @@ LAYERS = {
     "cli": 0,  # errors and exit codes, imports nothing of ours
     "model": 1, "tokenizer": 1,
     "checkpoint": 2, "memory": 2, "sampling": 2, "cpu_ops": 2,  # cpu_ops: native kernels, measured choice
-    "quantize": 3, "kernels": 3, "medusa": 3,
+    "quantize": 3, "decode_kernels": 3, "medusa": 3,
     "tp": 4, "streaming": 4,  # slice / stream quantized modules
     "pipeline": 5, "drafting": 5, "compiled_step": 5,  # pipeline shares tp's start-up and counters
     "generate": 6,
