@@ -1024,14 +1024,13 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   return out;
 }
 
-// ---------------------------------------------------------------- a decoder block of one token in two calls
+// ---------------------------------------------------------------- a decoder block of one token in one call
 // A decoded token's block is ~8 calls in the compiled graph (norm, qkv, rope and cache write, attention, wo,
 // residual and norm, gate and up, down), each a trip through the dispatcher and an OpenMP fork and join: about
 // 2 ms of a 6 ms int4 token on 2 cores is that fixed cost (measured with the products' loops emptied).
-// block_qkv (norm, qkv, bias, q/k norms, rope) and block_rest (attention, wo, residual, norm, gate and up, down,
-// residual) do the same work in one parallel region each, the threads meeting at barriers; the cache write
-// between them stays in the graph. Every value the module path stores in the model's dtype T is rounded to T
-// here too, so the two paths agree to the last bit or nearly (the tests compare them).
+// decoder_block does the same work, the cache write included, in one call and one parallel region, the threads
+// meeting at barriers. Every value the module path stores in the model's dtype T is rounded to T here too, so
+// the two paths agree to the last bit or nearly (the tests compare them).
 
 struct Weights {  // one linear layer in its native kernel's layout
   int64_t kind = 0;  // 0: a float weight [N, K]; 1: int8 tiles and their scales; 2: int4 tiles, d and m
@@ -1119,180 +1118,213 @@ const T* data_or_null(const c10::optional<at::Tensor>& t, int64_t numel) {
   return t->data_ptr<T>();
 }
 
+// One decoder block's inputs, resolved once per call: pointers in the activations' dtype T; the cache's
+// entries are T, or int8 with a float32 scale per head and position.
 template <typename T>
-at::Tensor block_qkv_typed(const at::Tensor& h, const at::Tensor& norm_weight, double eps, const Weights& w,
-                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
-                           const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
-                           const at::Tensor& sin, int64_t heads, int64_t kv_heads) {
-  const int64_t R = h.size(0), K = w.K, N = w.N, D = N / (heads + 2 * kv_heads);
-  TORCH_CHECK(D * (heads + 2 * kv_heads) == N && D % 2 == 0 && cos.numel() == R * D && sin.numel() == R * D,
-              "out_features must be (heads + 2 kv_heads) * head_dim, cos and sin [rows, head_dim]");
-  const T* norm = data_or_null<T>(norm_weight, K);
-  const T* bias_p = data_or_null<T>(bias, N);
-  const T* q_norm_p = data_or_null<T>(q_norm, D);
-  const T* k_norm_p = data_or_null<T>(k_norm, D);
-  const at::Tensor cos_c = cos.contiguous().to(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor sin_c = sin.contiguous().to(c10::CppTypeToScalarType<T>::value);
-  thread_local std::vector<float> h_float, out_float;
-  thread_local std::vector<T> normed;
-  h_float.resize(R * K), normed.resize(R * K), out_float.resize(R * N);
-  const T* hp = h.data_ptr<T>();
-  for (int64_t i = 0; i < R * K; ++i) h_float[i] = static_cast<float>(hp[i]);
-  for (int64_t r = 0; r < R; ++r) rms_norm(h_float.data() + r * K, norm, eps, K, normed.data() + r * K);
-  const T* x = normed.data();
-  float* out = out_float.data();
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    thread_local RowInput in;
-    in.set(x, R, K, w.kind != 0);
-    const auto [t_begin, t_end] = share_of(w.tiles(), omp_get_thread_num(), omp_get_num_threads());
-    run_tiles(w, in, out, t_begin, t_end);
-  }
-  at::Tensor result = at::empty({R, N}, h.options());
-  T* y = result.data_ptr<T>();
-  for (int64_t i = 0; i < R * N; ++i)
-    y[i] = static_cast<T>(bias_p ? rounded<T>(out[i]) + static_cast<float>(bias_p[i % N]) : out[i]);
-  thread_local std::vector<float> head;
-  head.resize(D);
-  for (int64_t r = 0; r < R; ++r) {
-    const T* cp = cos_c.data_ptr<T>() + r * D;
-    const T* sp = sin_c.data_ptr<T>() + r * D;
-    for (int64_t hd = 0; hd < heads + kv_heads; ++hd) {  // q's heads, then k's: norm (Qwen3), then rope
-      T* row = y + r * N + hd * D;
-      const T* head_norm = hd < heads ? q_norm_p : k_norm_p;
-      for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
-      if (head_norm) {
-        rms_norm(head.data(), head_norm, qk_eps, D, row);
-        for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(row[d]);
-      }
-      const int64_t half = D / 2;  // HF's rotate_half: x cos + (-x2, x1) sin
-      for (int64_t d = 0; d < D; ++d) {
-        const float rotated = d < half ? -head[d + half] : head[d - half];
-        row[d] = static_cast<T>(head[d] * static_cast<float>(cp[d]) + rotated * static_cast<float>(sp[d]));
-      }
-    }
-  }
-  return result;
+struct BlockInputs {
+  const T *h, *attention_norm, *ffn_norm, *bias, *q_norm, *k_norm, *cos, *sin;
+  double eps, ffn_eps, qk_eps;
+  Weights qkv, wo, w1, w3, w2;
+  int64_t R, dim, heads, kv_heads, D, L, mask_rows;
+  void *k, *v;  // the cache's first sequence [KVH, L, D]
+  float *k_scales, *v_scales;  // [KVH, L] (int8 cache only)
+  const int64_t* positions;  // [R]: where each row's k and v are written
+  const bool* mask;  // [mask_rows, L]
+};
+
+// A head's D values as the cache holds them: T, or int8 with its scale as model.quantize_kv rounds them
+// (the largest magnitude / 127, values / scale rounded half to even).
+template <typename T>
+inline void store_head(const T* values, int64_t D, T* entries, float*) { std::copy(values, values + D, entries); }
+template <typename T>
+inline void store_head(const T* values, int64_t D, int8_t* entries, float* scale) {
+  float top = 0.f;
+  for (int64_t d = 0; d < D; ++d) top = std::max(top, std::abs(static_cast<float>(values[d])));
+  const float s = std::max(top, 1e-12f) / 127.f;
+  for (int64_t d = 0; d < D; ++d)
+    entries[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(values[d]) / s))));
+  *scale = s;
 }
 
-// The rows h [R, K] (R <= 8) normed, times the qkv weights (+ bias), q's and k's heads normed (Qwen3) and
-// rotated by each row's cos and sin [R, head_dim].
-at::Tensor block_qkv(const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& a,
-                     const at::Tensor& b, const at::Tensor& c, int64_t kind, int64_t groupsize, int64_t out_features,
-                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
-                     const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
-                     const at::Tensor& sin, int64_t heads, int64_t kv_heads) {
-  const at::Tensor h = h_in.contiguous();
-  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(0) <= MAX_ROWS, "block_qkv takes h [rows <= 8, dim]");
-  const Weights w = weights_of(a, b, c, kind, groupsize, h.size(1), out_features);
-  switch (h.scalar_type()) {
-    case at::kFloat: return block_qkv_typed<float>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
-    case at::kBFloat16: return block_qkv_typed<c10::BFloat16>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
-    case at::kHalf: return block_qkv_typed<c10::Half>(h, norm_weight, eps, w, bias, q_norm, k_norm, qk_eps, cos, sin, heads, kv_heads);
-    default: TORCH_CHECK(false, "h must be float32, bfloat16 or float16");
-  }
-}
-
+// The whole block for its R rows in one parallel region: the attention norm and qkv; each head's bias,
+// q/k norm (Qwen3) and rope, k and v written to the cache; attention over the cache where each row's mask
+// allows; wo and the residual; the norm; silu(w1 x) * (w3 x); w2 and the residual. The threads meet at a
+// barrier between phases; each product's channels are split into one contiguous share per thread (measured:
+// handing out smaller chunks to whichever thread is free streams the weights 25-40% slower).
 template <typename T, typename KV>
-at::Tensor block_rest_typed(const at::Tensor& h, const at::Tensor& q, const CacheHead<KV>& cache, int64_t KVH,
-                            int64_t L, const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight,
-                            double eps, const Weights& w1, const Weights& w3, const Weights& w2) {
-  const int64_t R = h.size(0), dim = wo.N, H = q.size(1), D = q.size(3);
-  const int64_t inter = w1.N, group = H / KVH, mask_rows = mask.numel() / L;
-  const T* hp = h.data_ptr<T>();
-  const T* qp = q.data_ptr<T>();  // [1, H, R, D]; the cache's first sequence: this op decodes a batch of one
-  const bool* mp = mask.data_ptr<bool>();
-  const T* norm = data_or_null<T>(norm_weight, dim);
+at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
+  KV *k_cache = static_cast<KV*>(b.k), *v_cache = static_cast<KV*>(b.v);
+  const int64_t R = b.R, dim = b.dim, H = b.heads, KVH = b.kv_heads, D = b.D, L = b.L, N = b.qkv.N;
+  const int64_t inter = b.w1.N, group = H / KVH;
   const WeightedRows<KV> weighted = weighted_rows_for<KV>(D);
-  thread_local std::vector<T> attended, activated, residual;  // shared by the threads, each writing its part
-  thread_local std::vector<float> wo_out, gate, up, w2_out;
-  attended.resize(R * H * D), activated.resize(R * inter), residual.resize(R * dim);
-  wo_out.resize(R * dim), gate.resize(R * inter), up.resize(R * inter), w2_out.resize(R * dim);
-  T *att = attended.data(), *act = activated.data(), *h2 = residual.data();
-  float *wo_p = wo_out.data(), *gate_p = gate.data(), *up_p = up.data(), *w2_p = w2_out.data();
+  thread_local std::vector<float> qkv_out, wo_out, gate, up;
+  thread_local std::vector<T> queries, attended, activated, residual;  // shared by the threads, each writing its part
+  qkv_out.resize(R * N), wo_out.resize(R * dim), gate.resize(R * inter), up.resize(R * inter);
+  queries.resize(R * H * D), attended.resize(R * H * D), activated.resize(R * inter), residual.resize(R * dim);
+  float *qkv_p = qkv_out.data(), *wo_p = wo_out.data(), *gate_p = gate.data(), *up_p = up.data();
+  T *q_p = queries.data(), *att = attended.data(), *act = activated.data(), *h2 = residual.data();
+  at::Tensor result = at::empty({R, dim}, c10::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* y = result.data_ptr<T>();
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
     thread_local RowInput in;
-    thread_local std::vector<float> h2_float;
-    thread_local std::vector<T> normed;
-    const auto [a_begin, a_end] = share_of(H * R, thread, threads);
-    for (int64_t i = a_begin; i < a_end; ++i) {  // (head, row) pairs; out as wo takes it: [R, H * D]
-      const int64_t hd = i / R, r = i % R, head = hd / group;
-      attend_row(qp + i * D, cache.at(head * L * D, head * L), mp + (mask_rows == 1 ? 0 : r * L), L, D, weighted,
-                 att + r * H * D + hd * D);
+    thread_local std::vector<float> rows_float, head;
+    thread_local std::vector<T> normed, head_values;
+    rows_float.resize(R * dim), normed.resize(R * dim), head.resize(D), head_values.resize(D);
+    // every thread: the rows normed, as its input (the norm of R x dim values costs less than a barrier)
+    for (int64_t i = 0; i < R * dim; ++i) rows_float[i] = static_cast<float>(b.h[i]);
+    for (int64_t r = 0; r < R; ++r) rms_norm(rows_float.data() + r * dim, b.attention_norm, b.eps, dim, normed.data() + r * dim);
+    in.set(normed.data(), R, dim, b.qkv.kind != 0);
+    const auto [t_begin, t_end] = share_of(b.qkv.tiles(), thread, threads);
+    run_tiles(b.qkv, in, qkv_p, t_begin, t_end);
+#pragma omp barrier
+    // (row, head) pairs over q's, k's and v's heads: in T (+ bias), q and k normed (Qwen3) and rotated, q kept
+    // for attention ([H, R, D], as attention takes it), k and v written to the cache at the row's position
+    const auto [p_begin, p_end] = share_of(R * (H + 2 * KVH), thread, threads);
+    for (int64_t i = p_begin; i < p_end; ++i) {
+      const int64_t r = i / (H + 2 * KVH), hd = i % (H + 2 * KVH);
+      const float* out = qkv_p + r * N + hd * D;
+      T* values = head_values.data();
+      for (int64_t d = 0; d < D; ++d)
+        values[d] = static_cast<T>(b.bias ? rounded<T>(out[d]) + static_cast<float>(b.bias[hd * D + d]) : out[d]);
+      if (hd < H + KVH) {
+        const T* head_norm = hd < H ? b.q_norm : b.k_norm;
+        if (head_norm) {
+          for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(values[d]);
+          rms_norm(head.data(), head_norm, b.qk_eps, D, values);
+        }
+        for (int64_t d = 0; d < D; ++d) head[d] = static_cast<float>(values[d]);
+        const T *cp = b.cos + r * D, *sp = b.sin + r * D;
+        const int64_t half = D / 2;  // HF's rotate_half: x cos + (-x2, x1) sin
+        for (int64_t d = 0; d < D; ++d) {
+          const float rotated = d < half ? -head[d + half] : head[d - half];
+          values[d] = static_cast<T>(head[d] * static_cast<float>(cp[d]) + rotated * static_cast<float>(sp[d]));
+        }
+      }
+      if (hd < H) {
+        std::copy(values, values + D, q_p + (hd * R + r) * D);
+        continue;
+      }
+      const bool is_k = hd < H + KVH;
+      const int64_t kv_head = is_k ? hd - H : hd - H - KVH, slot = kv_head * L + b.positions[r];
+      float* scales = is_k ? b.k_scales : b.v_scales;
+      store_head(values, D, (is_k ? k_cache : v_cache) + slot * D, scales ? scales + slot : nullptr);
     }
 #pragma omp barrier
-    in.set(att, R, H * D, wo.kind != 0);
-    const auto [o_begin, o_end] = share_of(wo.tiles(), thread, threads);
-    run_tiles(wo, in, wo_p, o_begin, o_end);
+    const CacheHead<KV> cache{k_cache, v_cache, b.k_scales, b.v_scales};
+    const auto [a_begin, a_end] = share_of(H * R, thread, threads);
+    for (int64_t i = a_begin; i < a_end; ++i) {  // (head, row) pairs; out as wo takes it: [R, H * D]
+      const int64_t hd = i / R, r = i % R, kv_head = hd / group;
+      attend_row(q_p + i * D, cache.at(kv_head * L * D, kv_head * L), b.mask + (b.mask_rows == 1 ? 0 : r * L), L, D,
+                 weighted, att + r * H * D + hd * D);
+    }
 #pragma omp barrier
-    h2_float.resize(R * dim), normed.resize(R * dim);  // every thread: the residual and its norm, for its input
-    for (int64_t i = 0; i < R * dim; ++i) h2_float[i] = rounded<T>(static_cast<float>(hp[i]) + rounded<T>(wo_p[i]));
+    in.set(att, R, H * D, b.wo.kind != 0);
+    const auto [o_begin, o_end] = share_of(b.wo.tiles(), thread, threads);
+    run_tiles(b.wo, in, wo_p, o_begin, o_end);
+#pragma omp barrier
+    for (int64_t i = 0; i < R * dim; ++i)  // every thread: the residual and its norm, for its input
+      rows_float[i] = rounded<T>(static_cast<float>(b.h[i]) + rounded<T>(wo_p[i]));
     if (thread == 0)
-      for (int64_t i = 0; i < R * dim; ++i) h2[i] = static_cast<T>(h2_float[i]);
-    for (int64_t r = 0; r < R; ++r) rms_norm(h2_float.data() + r * dim, norm, eps, dim, normed.data() + r * dim);
-    in.set(normed.data(), R, dim, w1.kind != 0);
-    const auto [g_begin, g_end] = share_of(w1.tiles(), thread, threads);
-    run_tiles(w1, in, gate_p, g_begin, g_end);
-    run_tiles(w3, in, up_p, g_begin, g_end);
+      for (int64_t i = 0; i < R * dim; ++i) h2[i] = static_cast<T>(rows_float[i]);
+    for (int64_t r = 0; r < R; ++r) rms_norm(rows_float.data() + r * dim, b.ffn_norm, b.ffn_eps, dim, normed.data() + r * dim);
+    in.set(normed.data(), R, dim, b.w1.kind != 0);
+    const auto [g_begin, g_end] = share_of(b.w1.tiles(), thread, threads);
+    run_tiles(b.w1, in, gate_p, g_begin, g_end);
+    run_tiles(b.w3, in, up_p, g_begin, g_end);
     const int64_t c0 = std::min(inter, g_begin * TILE), count = std::min(inter, g_end * TILE) - c0;
     for (int64_t r = 0; r < R; ++r)
       silu_times(gate_p + r * inter + c0, up_p + r * inter + c0, act + r * inter + c0, count);
 #pragma omp barrier
-    in.set(act, R, inter, w2.kind != 0);
-    const auto [d_begin, d_end] = share_of(w2.tiles(), thread, threads);
-    run_tiles(w2, in, w2_p, d_begin, d_end);
+    in.set(act, R, inter, b.w2.kind != 0);
+    const auto [d_begin, d_end] = share_of(b.w2.tiles(), thread, threads);
+    float* w2_p = wo_p;  // wo's output is used up: every thread read it before the last barrier
+    run_tiles(b.w2, in, w2_p, d_begin, d_end);
+    const int64_t n0 = std::min(dim, d_begin * TILE), n1 = std::min(dim, d_end * TILE);
+    for (int64_t r = 0; r < R; ++r)  // the residual of this thread's channels (h2 was written before a barrier)
+      for (int64_t n = r * dim + n0; n < r * dim + n1; ++n)
+        y[n] = static_cast<T>(static_cast<float>(h2[n]) + rounded<T>(w2_p[n]));
   }
-  at::Tensor result = at::empty({R, dim}, h.options());
-  T* y = result.data_ptr<T>();
-  for (int64_t i = 0; i < R * dim; ++i) y[i] = static_cast<T>(static_cast<float>(h2[i]) + rounded<T>(w2_p[i]));
   return result;
 }
 
+
 template <typename T>
-at::Tensor block_rest_cache(const at::Tensor& h, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& k_scales, const c10::optional<at::Tensor>& v_scales,
-                            const at::Tensor& mask, const Weights& wo, const at::Tensor& norm_weight, double eps,
-                            const Weights& w1, const Weights& w3, const Weights& w2) {
-  if (k_scales)
-    return block_rest_typed<T, int8_t>(h, q, cache_of<int8_t>(k, v, k_scales, v_scales), k.size(1), k.size(2), mask,
-                                       wo, norm_weight, eps, w1, w3, w2);
-  return block_rest_typed<T, T>(h, q, cache_of<T>(k, v, k_scales, v_scales), k.size(1), k.size(2), mask, wo,
-                                norm_weight, eps, w1, w3, w2);
+at::Tensor decoder_block_dtype(BlockInputs<T>& b, const at::Tensor& norm_weight, const at::Tensor& ffn_norm_weight,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
+                               const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+                               bool int8_cache) {
+  const at::Tensor cos_t = cos.contiguous().to(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor sin_t = sin.contiguous().to(c10::CppTypeToScalarType<T>::value);
+  b.attention_norm = data_or_null<T>(norm_weight, b.dim), b.ffn_norm = data_or_null<T>(ffn_norm_weight, b.dim);
+  b.bias = data_or_null<T>(bias, b.qkv.N), b.q_norm = data_or_null<T>(q_norm, b.D), b.k_norm = data_or_null<T>(k_norm, b.D);
+  b.cos = cos_t.data_ptr<T>(), b.sin = sin_t.data_ptr<T>();
+  return int8_cache ? decoder_block_typed<T, int8_t>(b) : decoder_block_typed<T, T>(b);
 }
 
-// The rest of the block after the cache write, for the rows h [R, dim] (R <= 8) and their rotated q [1, H, R, D]:
-// attention over the cache's first sequence k, v [B, KVH, L, D] (or int8 entries with their scales, as
-// attention takes them) where each row's mask [.., R or 1, L] allows, wo, the residual, the norm,
-// silu(w1 x) * (w3 x), w2 and the residual again.
-at::Tensor block_rest(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& mask_in, const at::Tensor& wo_a, const at::Tensor& wo_b, const at::Tensor& wo_c,
-                      int64_t wo_kind, int64_t wo_groupsize, const at::Tensor& norm_weight, double eps,
-                      const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w1_c, const at::Tensor& w3_a,
-                      const at::Tensor& w3_b, const at::Tensor& w3_c, int64_t ffn_kind, int64_t ffn_groupsize,
-                      int64_t intermediate, const at::Tensor& w2_a, const at::Tensor& w2_b, const at::Tensor& w2_c,
-                      int64_t w2_kind, int64_t w2_groupsize, const c10::optional<at::Tensor>& k_scales,
-                      const c10::optional<at::Tensor>& v_scales) {
-  const at::Tensor h = h_in.contiguous(), q = q_in.contiguous();
-  const at::Tensor mask = mask_in.to(at::kBool).contiguous();
-  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(0) <= MAX_ROWS && q.dim() == 4 && q.size(0) == 1
-              && q.size(2) == h.size(0), "block_rest takes h [rows <= 8, dim] and q [1, H, rows, D]");
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.is_contiguous() && v.is_contiguous()
-              && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0, "k and v caches [B, KVH, L, D], contiguous");
-  TORCH_CHECK(q.scalar_type() == h.scalar_type(), "h and q must have one dtype");
-  check_cache(q, k, v, k_scales, v_scales);
-  TORCH_CHECK(mask.numel() == k.size(2) || mask.numel() == h.size(0) * k.size(2), "mask must be [.., rows or 1, L]");
-  const int64_t dim = h.size(1), attended = q.size(1) * q.size(3);
-  const Weights wo = weights_of(wo_a, wo_b, wo_c, wo_kind, wo_groupsize, attended, dim);
+// A decoder block for the rows h [R, dim] (R <= 8) of a batch of one at cache positions [R]: see
+// decoder_block_typed. k and v [B, KVH, L, D] are the cache (its first sequence is used and written), of h's
+// dtype, or int8 with float32 scales [B, KVH, L, 1]; mask [.., R or 1, L]; cos and sin [R, head_dim].
+at::Tensor decoder_block(const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& qkv_a,
+                         const at::Tensor& qkv_b, const at::Tensor& qkv_c, int64_t qkv_kind, int64_t qkv_groupsize,
+                         int64_t qkv_out, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
+                         const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
+                         const at::Tensor& sin, int64_t heads, int64_t kv_heads, at::Tensor& k, at::Tensor& v,
+                         const at::Tensor& positions_in, const at::Tensor& mask_in, const at::Tensor& wo_a,
+                         const at::Tensor& wo_b, const at::Tensor& wo_c, int64_t wo_kind, int64_t wo_groupsize,
+                         const at::Tensor& ffn_norm_weight, double ffn_eps, const at::Tensor& w1_a,
+                         const at::Tensor& w1_b, const at::Tensor& w1_c, const at::Tensor& w3_a, const at::Tensor& w3_b,
+                         const at::Tensor& w3_c, int64_t ffn_kind, int64_t ffn_groupsize, int64_t intermediate,
+                         const at::Tensor& w2_a, const at::Tensor& w2_b, const at::Tensor& w2_c, int64_t w2_kind,
+                         int64_t w2_groupsize, const c10::optional<at::Tensor>& k_scales,
+                         const c10::optional<at::Tensor>& v_scales) {
+  const at::Tensor h = h_in.contiguous(), mask = mask_in.to(at::kBool).contiguous();
+  const at::Tensor positions = positions_in.to(at::kLong).contiguous();
+  const int64_t R = h.dim() == 2 ? h.size(0) : 0, D = qkv_out / (heads + 2 * kv_heads);
+  TORCH_CHECK(R >= 1 && R <= MAX_ROWS, "decoder_block takes h [rows <= 8, dim]");
+  TORCH_CHECK(heads % kv_heads == 0 && D * (heads + 2 * kv_heads) == qkv_out && D % 2 == 0
+              && cos.numel() == R * D && sin.numel() == R * D,
+              "qkv's out_features must be (heads + 2 kv_heads) * head_dim, cos and sin [rows, head_dim]");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.is_contiguous() && v.is_contiguous() && k.size(1) == kv_heads
+              && k.size(3) == D, "k and v caches [B, kv_heads, L, head_dim], contiguous");
+  TORCH_CHECK(positions.numel() == R, "one cache position per row");
+  check_cache(h, k, v, k_scales, v_scales);
+  const int64_t L = k.size(2), dim = h.size(1);
+  TORCH_CHECK(mask.numel() == L || mask.numel() == R * L, "mask must be [.., rows or 1, L]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < L, "cache position out of range");
+  const Weights qkv = weights_of(qkv_a, qkv_b, qkv_c, qkv_kind, qkv_groupsize, dim, qkv_out);
+  const Weights wo = weights_of(wo_a, wo_b, wo_c, wo_kind, wo_groupsize, heads * D, dim);
   const Weights w1 = weights_of(w1_a, w1_b, w1_c, ffn_kind, ffn_groupsize, dim, intermediate);
   const Weights w3 = weights_of(w3_a, w3_b, w3_c, ffn_kind, ffn_groupsize, dim, intermediate);
   const Weights w2 = weights_of(w2_a, w2_b, w2_c, w2_kind, w2_groupsize, intermediate, dim);
+  const bool int8_cache = k_scales.has_value();
+  auto fill = [&](auto& b) {
+    b.eps = eps, b.ffn_eps = ffn_eps, b.qk_eps = qk_eps;
+    b.qkv = qkv, b.wo = wo, b.w1 = w1, b.w3 = w3, b.w2 = w2;
+    b.R = R, b.dim = dim, b.heads = heads, b.kv_heads = kv_heads, b.D = D, b.L = L, b.mask_rows = mask.numel() / L;
+    b.k = k.data_ptr(), b.v = v.data_ptr();
+    b.k_scales = int8_cache ? k_scales->data_ptr<float>() : nullptr;
+    b.v_scales = int8_cache ? v_scales->data_ptr<float>() : nullptr;
+    b.positions = pos, b.mask = mask.data_ptr<bool>();
+  };
   switch (h.scalar_type()) {
-    case at::kFloat: return block_rest_cache<float>(h, q, k, v, k_scales, v_scales, mask, wo, norm_weight, eps, w1, w3, w2);
-    case at::kBFloat16:
-      return block_rest_cache<c10::BFloat16>(h, q, k, v, k_scales, v_scales, mask, wo, norm_weight, eps, w1, w3, w2);
-    case at::kHalf: return block_rest_cache<c10::Half>(h, q, k, v, k_scales, v_scales, mask, wo, norm_weight, eps, w1, w3, w2);
+    case at::kFloat: {
+      BlockInputs<float> b{};
+      fill(b), b.h = h.data_ptr<float>();
+      return decoder_block_dtype(b, norm_weight, ffn_norm_weight, bias, q_norm, k_norm, cos, sin, int8_cache);
+    }
+    case at::kBFloat16: {
+      BlockInputs<c10::BFloat16> b{};
+      fill(b), b.h = h.data_ptr<c10::BFloat16>();
+      return decoder_block_dtype(b, norm_weight, ffn_norm_weight, bias, q_norm, k_norm, cos, sin, int8_cache);
+    }
+    case at::kHalf: {
+      BlockInputs<c10::Half> b{};
+      fill(b), b.h = h.data_ptr<c10::Half>();
+      return decoder_block_dtype(b, norm_weight, ffn_norm_weight, bias, q_norm, k_norm, cos, sin, int8_cache);
+    }
     default: TORCH_CHECK(false, "h must be float32, bfloat16 or float16");
   }
 }
@@ -1309,13 +1341,13 @@ TORCH_LIBRARY(gptfast_cpu, m) {
         "int groupsize, int out_features) -> Tensor");
   m.def("int4_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_d, Tensor gate_m, Tensor up_tiles, Tensor up_d, "
         "Tensor up_m, int groupsize, int out_features) -> Tensor");
-  m.def("block_qkv(Tensor h, Tensor norm_weight, float eps, Tensor a, Tensor b, Tensor c, int kind, int groupsize, "
-        "int out_features, Tensor? bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, Tensor sin, "
-        "int heads, int kv_heads) -> Tensor");
-  m.def("block_rest(Tensor h, Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo_a, Tensor wo_b, Tensor wo_c, "
-        "int wo_kind, int wo_groupsize, Tensor norm_weight, float eps, Tensor w1_a, Tensor w1_b, Tensor w1_c, "
-        "Tensor w3_a, Tensor w3_b, Tensor w3_c, int ffn_kind, int ffn_groupsize, int intermediate, Tensor w2_a, "
-        "Tensor w2_b, Tensor w2_c, int w2_kind, int w2_groupsize, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
+  m.def("decoder_block(Tensor h, Tensor norm_weight, float eps, Tensor qkv_a, Tensor qkv_b, Tensor qkv_c, int qkv_kind, "
+        "int qkv_groupsize, int qkv_out, Tensor? bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, "
+        "Tensor sin, int heads, int kv_heads, Tensor(a!) k, Tensor(b!) v, Tensor positions, Tensor mask, Tensor wo_a, "
+        "Tensor wo_b, Tensor wo_c, int wo_kind, int wo_groupsize, Tensor ffn_norm_weight, float ffn_eps, Tensor w1_a, "
+        "Tensor w1_b, Tensor w1_c, Tensor w3_a, Tensor w3_b, Tensor w3_c, int ffn_kind, int ffn_groupsize, "
+        "int intermediate, Tensor w2_a, Tensor w2_b, Tensor w2_c, int w2_kind, int w2_groupsize, "
+        "Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
@@ -1326,6 +1358,5 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("float_gated_linear", &float_gated_linear);
   m.impl("int8_gated_linear", &int8_gated_linear);
   m.impl("int4_gated_linear", &int4_gated_linear);
-  m.impl("block_qkv", &block_qkv);
-  m.impl("block_rest", &block_rest);
+  m.impl("decoder_block", &decoder_block);
 }

@@ -78,9 +78,7 @@ if hasattr(torch.library, "register_fake"):
         torch.library.register_fake("gptfast_cpu::int4_gated_linear")(
             lambda x, gate_tiles, gate_d, gate_m, up_tiles, up_d, up_m, groupsize, out_features:
             x.new_empty(x.shape[0], out_features))
-        torch.library.register_fake("gptfast_cpu::block_qkv")(
-            lambda h, norm_weight, eps, a, b, c, kind, groupsize, out_features, *rest: h.new_empty(h.shape[0], out_features))
-        torch.library.register_fake("gptfast_cpu::block_rest")(lambda h, *rest: h.new_empty(h.shape))
+        torch.library.register_fake("gptfast_cpu::decoder_block")(lambda h, *rest, **scales: h.new_empty(h.shape))
         torch.library.register_fake("gptfast_cpu::float_gated_linear")(
             lambda x, gate_weight, up_weight: x.new_empty(x.shape[0], gate_weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::attention")(lambda q, k, v, mask, *scales: q.new_empty(q.shape))  # contiguous

@@ -251,9 +251,9 @@ def float_paths_summary(models: list) -> list:
 
 class DecodeBlock(TransformerBlock):
     """A transformer block whose decoded token, or verified drafts (1-8 rows of a batch of one, under compile on
-    CPU), may take two native calls, cpu_ops.cpp's block_qkv (norm, qkv, q/k norms, rope) and block_rest
-    (attention, wo, residual, norm, gate and up, down, residual), around the cache write, where the module path
-    makes ~8 calls, each a dispatcher trip and an OpenMP fork and join. Taken for the numbers of rows where
+    CPU), may take one native call, cpu_ops.cpp's decoder_block (norm, qkv, q/k norms, rope, the cache write,
+    attention, wo, residual, norm, gate and up, down, residual), where the module path makes ~8 calls, each a
+    dispatcher trip and an OpenMP fork and join. Taken for the numbers of rows where
     choose_block_paths measured it faster (`native_rows`); anything else (eager, prompts, batches, layers it
     cannot take: hooks, activation rounding) is the module path. An int8 KV cache is read as it is (its
     entries and scales), as DecodeAttention's native path reads it."""
@@ -284,28 +284,18 @@ class DecodeBlock(TransformerBlock):
         attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
         wqkv, wo, w1, w3, w2 = self.linears()
         rows = x.shape[1]
-        h = x.reshape(rows, -1)
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
         bias = None if wqkv.bias is None else wqkv.bias.to(x.dtype)
-        qkv = ops.block_qkv(h, self.attention_norm.weight, self.attention_norm.eps, *wqkv.native_weights(),
-                            wqkv.out_features, bias, q_norm.weight if q_norm else None,
-                            k_norm.weight if k_norm else None, q_norm.eps if q_norm else 0.0, rope[0], rope[1],
-                            attention.n_head, attention.n_local_heads)
-        heads, kv_heads, head_dim = attention.n_head, attention.n_local_heads, attention.head_dim
-        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        q = q.view(1, rows, heads, head_dim).transpose(1, 2)
-        k, v = (t.view(1, rows, kv_heads, head_dim).transpose(1, 2) for t in (k, v))
-        cache = attention.kv_cache
-        if getattr(cache, "quantized", False):  # the int8 entries and their scales, not a dequantized copy
-            scales = cache.write(cache_pos, k, v)
-            k_cache, v_cache = cache.k_cache[:1], cache.v_cache[:1]
-        else:
-            scales = ()
-            k_cache, v_cache = cache.update(cache_pos, k, v)
+        cache = attention.kv_cache  # written in place: k and v, and an int8 cache's scales
+        scales = (cache.k_scales, cache.v_scales) if getattr(cache, "quantized", False) else ()
         ffn_weights = w1.native_weights()
-        out = ops.block_rest(h, q, k_cache, v_cache, mask, *wo.native_weights(), self.ffn_norm.weight,
-                             self.ffn_norm.eps, *ffn_weights[:3], *w3.native_weights()[:3], *ffn_weights[3:],
-                             w1.out_features, *w2.native_weights(), *scales)
+        out = ops.decoder_block(
+            x.reshape(rows, -1), self.attention_norm.weight, self.attention_norm.eps, *wqkv.native_weights(),
+            wqkv.out_features, bias, q_norm.weight if q_norm else None, k_norm.weight if k_norm else None,
+            q_norm.eps if q_norm else 0.0, rope[0], rope[1], attention.n_head, attention.n_local_heads,
+            cache.k_cache, cache.v_cache, cache_pos, mask, *wo.native_weights(), self.ffn_norm.weight,
+            self.ffn_norm.eps, *ffn_weights[:3], *w3.native_weights()[:3], *ffn_weights[3:], w1.out_features,
+            *w2.native_weights(), *scales)
         return out.view_as(x)
 
 
@@ -333,8 +323,8 @@ def block_key(block: DecodeBlock, dtype, rows: int, int8: bool = False) -> str:
 
 @torch.no_grad()
 def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
-    """Per block kind (its layers' kinds and shapes, heads, dtype), the numbers of rows that take the two native
-    calls: a one-block step of 1 row and of 4 (standing for 2-8) timed compiled both ways, in turns (each product
+    """Per block kind (its layers' kinds and shapes, heads, dtype), the numbers of rows that take the native
+    call: a one-block step of 1 row and of 4 (standing for 2-8) timed compiled both ways, in turns (each product
     on its own measured path in the other), with a cache of its own. Call after the other paths are chosen."""
     for model in models:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -348,14 +338,14 @@ def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
                 if key not in choices.choices:
                     times = time_block(block, dtype, rows, int8_cache(model))
                     choices.choose(key, {name: (lambda us=us: us) for name, us in times.items()})
-                if choices.choices[key]["path"] == "two calls":
+                if choices.choices[key]["path"] == "one call":
                     native_rows |= {1} if rows == 1 else set(range(2, DecodeLinear.MAX_ROWS + 1))
             block.native_rows = frozenset(native_rows)
     choices.save()
 
 
 def time_block(block: DecodeBlock, dtype, rows: int, int8: bool = False) -> dict:
-    """{"module path": us, "two calls": us}: `block` compiled alone both ways for `rows` rows at positions 16
+    """{"module path": us, "one call": us}: `block` compiled alone both ways for `rows` rows at positions 16
     on, its cache swapped for a small one of its own (int8 with `int8`) while timed."""
     from model import KVCache
 
@@ -374,21 +364,21 @@ def time_block(block: DecodeBlock, dtype, rows: int, int8: bool = False) -> dict
 
     try:
         return cpu_ops.time_compiled_alternately(
-            {"module path": lambda *inputs: run(False, *inputs), "two calls": lambda *inputs: run(True, *inputs)},
+            {"module path": lambda *inputs: run(False, *inputs), "one call": lambda *inputs: run(True, *inputs)},
             x, *rope, mask, position)
     finally:
         attention.kv_cache, block.native_rows = kept_cache, kept_rows
 
 
 def block_paths_summary(models: list) -> list:
-    """One line per block kind that can take the two native calls: the numbers of rows that take them."""
+    """One line per block kind that can take the one native call: the numbers of rows that take it."""
     lines = {}
     for model in models:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         for block in (m for m in model.modules() if isinstance(m, DecodeBlock) and m.can_take_native()):
             key = block_key(block, dtype, 1, int8_cache(model)).removesuffix(" rows 1 compiled")
             buckets = list(range(1, DecodeLinear.MAX_ROWS + 2))  # the last: every longer input
-            paths = {r: "two native calls" if r in block.native_rows else "module path" for r in buckets}
+            paths = {r: "one native call" if r in block.native_rows else "module path" for r in buckets}
             lines.setdefault(key, f"{key}: {cpu_ops.describe_paths(paths, buckets)}")
     return list(lines.values())
 

@@ -526,9 +526,9 @@ def module_path_and(run, block, x, rope, mask, position):
 @pytest.mark.parametrize("kind", ["float", "int8 per channel", "int4 g32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, family, kind, dtype, rows, tmp_path):
-    """block_qkv and block_rest (norms, qkv with Qwen2's bias, Qwen3's q/k norms, rope, GQA attention over the
-    cache with each row's causal mask, a sliding window, wo, the gated feed-forward, both residuals), for one
+def test_a_block_in_one_native_call_computes_the_module_path(tiny_models, family, kind, dtype, rows, tmp_path):
+    """decoder_block (norms, qkv with Qwen2's bias, Qwen3's q/k norms, rope, the cache write, GQA attention over
+    the cache with each row's causal mask, a sliding window, wo, the gated feed-forward, both residuals), for one
     decoded token and for 3 verified ones, against the block's own modules: the same output and the same
     entries written to the cache (float32 to rounding, bfloat16 to its ulp; the quantized kinds round their
     activations to int8, where a last-bit difference in a normed input can move one rounding: 1e-3 in float32,
@@ -549,10 +549,10 @@ def test_a_block_in_two_native_calls_computes_the_module_path(tiny_models, famil
 @pytest.mark.parametrize("kind", ["float", "int4 g32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_two_native_calls_read_an_int8_cache(tiny_models, family, kind, dtype, rows, tmp_path):
-    """With an int8 KV cache, block_rest reads its entries and scales where the module path attends to a
-    dequantized copy: the same output (float32 to rounding; bfloat16: the copy's rounding) and the same
-    entries and scales written."""
+def test_one_native_call_writes_and_reads_an_int8_cache(tiny_models, family, kind, dtype, rows, tmp_path):
+    """With an int8 KV cache, decoder_block rounds the new entries as model.quantize_kv does and reads entries
+    and scales where the module path attends to a dequantized copy: the same output (float32 to rounding;
+    bfloat16: the copy's rounding) and the same entries and scales written."""
     block, rope, mask, position = native_block(tiny_models, family, kind, dtype, tmp_path, rows=rows, int8_cache=True)
     assert block.can_take_native() and block.attention.kv_cache.quantized
     x = torch.randn(1, rows, block.attention_norm.weight.shape[0], dtype=dtype)
@@ -569,7 +569,7 @@ def test_two_native_calls_read_an_int8_cache(tiny_models, family, kind, dtype, r
 @native
 @pytest.mark.parametrize("block_calls", [False, True])
 def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_path, monkeypatch, block_calls):
-    """The int8 cache's paths come from the choice file (here: native attention, and the two block calls or
+    """The int8 cache's paths come from the choice file (here: native attention, and the block's one call or
     not); the compiled step then reads the cache through the native ops, their scales passed (seen in the
     graph dynamo hands to the backend), and decodes eager's greedy tokens (float32)."""
     import generate
@@ -586,7 +586,7 @@ def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_p
             {"path": "native", "us": {}}
     for rows in decode_kernels.BLOCK_TIMED_ROWS:
         choices.choices[decode_kernels.block_key(model.layers[0], torch.float32, rows, True)] = \
-            {"path": "two calls" if block_calls else "module path", "us": {}}
+            {"path": "one call" if block_calls else "module path", "us": {}}
     choices.measured = len(choices.choices)  # written as a measured file would be
     choices.save()
     graphs = []
@@ -609,14 +609,14 @@ def test_an_int8_cache_decodes_natively_where_measured_faster(tiny_models, tmp_p
         generate.decode_one_token = step
     finally:
         generate.use_eager()
-    op = "gptfast_cpu.block_rest" if block_calls else "gptfast_cpu.attention"
+    op = "gptfast_cpu.decoder_block" if block_calls else "gptfast_cpu.attention"
     calls = [line for line in graphs[0].splitlines() if op in line]
-    assert len(calls) == len(model.layers) and all("%k_scales" in line and "%v_scales" in line for line in calls), calls
+    assert len(calls) == len(model.layers) and all("k_scales" in line and "v_scales" in line for line in calls), calls
 
 
 @native
-def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_models, tmp_path):
-    """choose_block_paths times both ways compiled and caches the choice; compiled with the two calls, the
+def test_a_compiled_block_takes_the_native_call_where_measured_faster(tiny_models, tmp_path):
+    """choose_block_paths times both ways compiled and caches the choice; compiled with the one call, the
     block computes what it computes eagerly; a block whose layers carry hooks (tensor parallel's all-reduces)
     keeps the module path."""
     block, rope, mask, position = native_block(tiny_models, "qwen3", "int4 g32", torch.float32, tmp_path)
@@ -627,9 +627,9 @@ def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_
     decode_kernels.choose_block_paths([model], choices)
     for rows in (1, 4):
         key = decode_kernels.block_key(block, torch.float32, rows)
-        assert choices.choices[key]["path"] in ("two calls", "module path")
-        assert set(choices.choices[key]["us"]) == {"two calls", "module path"}
-        assert (rows in block.native_rows) == (choices.choices[key]["path"] == "two calls")
+        assert choices.choices[key]["path"] in ("one call", "module path")
+        assert set(choices.choices[key]["us"]) == {"one call", "module path"}
+        assert (rows in block.native_rows) == (choices.choices[key]["path"] == "one call")
     assert (2 in block.native_rows) == (8 in block.native_rows) == (4 in block.native_rows)
     assert 9 not in block.native_rows
     assert decode_kernels.block_paths_summary([model])[0].startswith(key.removesuffix(" rows 4 compiled") + ": ")
@@ -653,7 +653,7 @@ def test_a_compiled_block_takes_the_two_native_calls_where_measured_faster(tiny_
         torch._dynamo.reset()
         with torch.no_grad():
             torch.compile(lambda *inputs: block(*inputs), fullgraph=True, backend=recording)(x, rope, mask, position)
-        assert "block_qkv" in graphs[0] and "block_rest" in graphs[0] and "int4_linear" not in graphs[0]
+        assert graphs[0].count("decoder_block") == 1 and "int4_linear" not in graphs[0]
 
     model.layers = torch.nn.ModuleList([block])
     block.feed_forward.w2.register_forward_hook(lambda module, inputs, output: output)

@@ -286,7 +286,7 @@ def test_ignore_eos_never_checks_for_a_stop(tiny_models, monkeypatch):
 def test_compile_modes_give_eager_tokens(tiny_models, mode):
     """Both CPU compile modes decode exactly eager's greedy tokens in float32 (Qwen2: windowed upper layers,
     qkv bias), with the float and the int8 KV cache: "regional" swaps every block for the one compiled region,
-    "whole" for DecodeBlocks (a float32 block there may take its two native calls) and inductor's C++ wrapper."""
+    "whole" for DecodeBlocks (a float32 block there may take its one native call) and inductor's C++ wrapper."""
     _, _, checkpoint = tiny_models["qwen2"]
     model = generate.load_model(checkpoint, "cpu", torch.float32)
     int8_cache = generate.load_model(checkpoint, "cpu", torch.float32, kv_cache_dtype=torch.int8)
