@@ -263,9 +263,15 @@ class DecodeBlock(TransformerBlock):
     def forward(self, x, rope, mask, cache_pos):
         rows = x.shape[1]
         if (rows in self.native_rows and x.shape[0] == 1 and torch.compiler.is_compiling()
-                and mask.shape[2] in (1, rows)):
+                and mask.shape[2] in (1, rows) and not self.compiled_as_region()):
             return self.native_forward(x, rope, mask, cache_pos)
         return super().forward(x, rope, mask, cache_pos)
+
+    def compiled_as_region(self) -> bool:
+        """A RegionBlock compiled as a region of its own (not inlined into the whole step) keeps the module path:
+        the native call writes the KV cache in place, and a region's functionalization (C++, in torch 2.13)
+        refuses a custom operator that mutates its inputs."""
+        return isinstance(self, RegionBlock) and not getattr(torch._dynamo.config, "inline_invoke_subgraph", False)
 
     def linears(self) -> list:
         attention, ffn = self.attention, self.feed_forward
