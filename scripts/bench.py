@@ -11,7 +11,9 @@ prefill is excluded, and the first new token (which prefill produces) is not cou
 times (new_tokens - 1) steps of "one-token forward + argmax". Each engine's rows run one after the
 other, never at the same time. All engines read the weights of one GGUF (SmolLM2-135M-Instruct Q4_1):
 our checkpoint was converted from it, HF dequantizes it on load, and llama.cpp gets a copy of it
-dequantized to F16 (written once, cached under <checkpoint dir>/bench/).
+dequantized to F16 (written once, cached under <checkpoint dir>/bench/). A drafting row also times a plain
+generation before each of its runs, in the same process with the same compiled step ("vs plain ... in
+turns"): rows timed minutes apart move with the machine's drift, often by more than drafting changes.
 """
 import gc
 import glob
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/bench.py`: the generator's modules live in the repo root
@@ -119,6 +122,9 @@ SAME_BITS = {"ours-bf16": "llamacpp-f16", "ours-fp16": "llamacpp-f16", "ours-int
 
 
 WEIGHT_BYTES = {}  # bytes of weights one decoded token reads, per our row's precision or GGUF type
+# drafting row -> plain decode tok/s timed in turns with its drafted runs (one process, one compiled step and
+# cache length): the ratio that this VM's drift between rows timed minutes apart cannot move
+PLAIN_IN_TURNS = {}
 KERNEL_PATHS = {}  # the kernel path reports of our rows (dict: insertion-ordered set)
 
 
@@ -167,10 +173,12 @@ def quantized_checkpoint(checkpoint: Path, quantization: str) -> Path:
 
 
 def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, runs: int, compiled: bool,
-               quantization=None, strategy: str = None, mode: str = "whole", kv_cache_dtype=None, device: str = "cpu"):
+               quantization=None, strategy: str = None, mode: str = "whole", kv_cache_dtype=None, device: str = "cpu",
+               plain_in_turns: Optional[list] = None):
     """generate.generate itself times prefill and decode separately; we read its decode numbers.
     strategy: "speculative-int8|int4" (the target with a quantized copy of itself as draft) or "medusa-TREE"
-    (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py)."""
+    (heads from medusa/ beside the checkpoint, made by scripts/train_medusa.py). plain_in_turns (drafting rows):
+    gets the tok/s of a plain generation timed before each drafted one, with the same compiled step and cache."""
     if quantization:  # made from the float checkpoint exactly as a user would (a few seconds)
         checkpoint = quantized_checkpoint(checkpoint, quantization)
     model = generate.load_model(checkpoint, device, generate.DTYPES[dtype], kv_cache_dtype=kv_cache_dtype)
@@ -201,14 +209,23 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
         generate.compile_functions([model, *(drafter.models if drafter else [])], device, drafter=drafter, mode=mode)
     else:
         generate.use_eager()
-    generate.generate(model, prompt, new_tokens, stop_ids=(), **extra)  # warm-up: compiles for this model
+    length = len(prompt_ids) + new_tokens + (drafter.slack if drafter is not None else 0)
+    plain = {key: value for key, value in extra.items() if key != "drafter"}
+    generate.generate(model, prompt, new_tokens, stop_ids=(), max_seq_length=length, **extra)  # warm-up: compiles
+    if plain_in_turns is not None:
+        generate.generate(model, prompt, new_tokens, stop_ids=(), max_seq_length=length, **plain)
     warm_up = time.perf_counter() - warm_up
     WEIGHT_BYTES[strategy or (quantization or dtype)] = memory.weight_bytes(model)
     graphs_before = compiled_graphs()
     speeds, accepted = [], []
     for _ in range(runs):
+        if plain_in_turns is not None:
+            timings = {}
+            generate.generate(model, prompt, new_tokens, stop_ids=(), timings=timings, max_seq_length=length, **plain)
+            plain_in_turns.append(timings["decode_tokens"] / timings["decode_s"])
         timings = {}
-        output = generate.generate(model, prompt, new_tokens, stop_ids=(), timings=timings, **extra)
+        output = generate.generate(model, prompt, new_tokens, stop_ids=(), timings=timings, max_seq_length=length,
+                                   **extra)
         speeds.append(timings["decode_tokens"] / timings["decode_s"])
         accepted += timings["accepted"]
     if mode == "saved":  # this eager copy of the model: given the paths the step was built with (cached, not timed)
@@ -218,6 +235,8 @@ def bench_ours(checkpoint: Path, dtype: str, prompt_ids: list, new_tokens: int, 
     notes.append(f"first call {warm_up:.0f} s")
     if strategy:
         notes.append(f"{1 + sum(accepted) / len(accepted):.2f} tokens per target forward")
+    if plain_in_turns:
+        notes.append(f"plain in turns: {', '.join(f'{s:.1f}' for s in plain_in_turns)}")
     return speeds, output[0, len(prompt_ids):].tolist(), notes
 
 
@@ -508,8 +527,9 @@ def run_row(key: str, args, prompt_ids: list):
         mode = {"ours-regional": "regional", "ours-saved": "saved"}.get(runner, "whole")
         if mode == "saved" and args.device != "cpu":
             return None, None, ["skipped: the saved step is the CPU's (CUDA compiles with CUDA graphs)"]
+        in_turns = PLAIN_IN_TURNS.setdefault(key, []) if strategy and runner == "ours" else None
         return bench_ours(args.checkpoint_path, dtype, prompt_ids, args.new_tokens, args.runs, runner != "ours-eager",
-                          quantization, strategy, mode, torch.int8 if key in KV8_ROWS else None, args.device)
+                          quantization, strategy, mode, torch.int8 if key in KV8_ROWS else None, args.device, in_turns)
     if runner == "hf-eager":
         return bench_hf_eager(args.hf_model or args.gguf, dtype, prompt_ids, args.new_tokens, args.runs, args.device)
     if runner == "hf-compile":
@@ -556,6 +576,8 @@ def table(results: dict, runs: int, bandwidth: float) -> str:
         peer = SAME_BITS.get(key)
         same_bits = f"{ratio(speeds, medians.get(peer))} ({ROWS[peer][1].split()[0]})" if peer in medians else ""
         drafted = ratio(speeds, medians.get(plain_row(key))) if key in DRAFTING_ROWS and key != plain_row(key) else ""
+        if PLAIN_IN_TURNS.get(key):
+            drafted = f"{ratio(speeds, PLAIN_IN_TURNS[key])} in turns" + (f", {drafted} by rows" if drafted != "n/a" else "")
         lines.append(f"| {engine} | {precision} | {median} | {listed} | {same_bits} | "
                      f"{ratio(speeds, medians.get(LLAMACPP_REFERENCE))} | {ratio(speeds, medians.get(HF_REFERENCE))} "
                      f"| {drafted} | {reads(speeds, row_bytes(key), bandwidth)} |")
