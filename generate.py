@@ -191,7 +191,7 @@ def compile_functions(models: list, device, compile_prefill: bool = False, draft
     decode_kernels.use_decode_kernels(models, device, mode=mode)
     if torch.device(device).type == "cpu":  # int8 layers: inductor's fused reduction is one more candidate
         quantize.choose_compiled_paths(models, float_dtype(models[0]), cpu_ops.KernelChoices())
-        if mode == "whole":  # a decoded token's block in two native calls, where measured faster
+        if mode == "whole":  # a decoded token's block in one native call, where measured faster
             decode_kernels.choose_block_paths(models, cpu_ops.KernelChoices())
     cuda_graphs = "reduce-overhead" if torch.device(device).type == "cuda" else None  # CUDA graphs
     decode_one_token = torch.compile(decode_one_token, mode=cuda_graphs, fullgraph=True, dynamic=False)
