@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -527,22 +528,33 @@ at::Tensor run_gated_chunks(const at::Tensor& x_in, int64_t N, const Launch& lau
     default: KERNEL<8>(__VA_ARGS__); break;            \
   }
 
-void check_int8_layer(const at::Tensor& tiles, const at::Tensor& scales, int64_t K, int64_t groupsize, int64_t N) {
+// A quantized layer's native layout: its pieces' dtypes and sizes (tensors, or pieces of a block's region).
+void check_int8_pieces(bool tiles_ok, int64_t tiles_numel, bool scales_ok, int64_t scales_numel, int64_t K,
+                       int64_t groupsize, int64_t N) {
   const int64_t tile_count = (N + TILE - 1) / TILE;
-  TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K,
-              "tiles must be contiguous int8 from cpu_ops.int8_tiles");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous()
-              && scales.numel() == tile_count * TILE * (K / groupsize), "scales must be contiguous float32 [tiles, K/groupsize, 16]");
+  TORCH_CHECK(tiles_ok && tiles_numel == tile_count * TILE * K, "tiles must be contiguous int8 from cpu_ops.int8_tiles");
+  TORCH_CHECK(scales_ok && scales_numel == tile_count * TILE * (K / groupsize),
+              "scales must be contiguous float32 [tiles, K/groupsize, 16]");
+}
+
+void check_int4_pieces(bool tiles_ok, int64_t tiles_numel, bool dm_ok, int64_t d_numel, int64_t m_numel, int64_t K,
+                       int64_t groupsize, int64_t N) {
+  const int64_t tile_count = (N + TILE - 1) / TILE;
+  TORCH_CHECK(tiles_ok && tiles_numel == tile_count * TILE * K / 2, "tiles must be contiguous uint8 from cpu_ops.int4_tiles");
+  TORCH_CHECK(dm_ok && d_numel == tile_count * TILE * (K / groupsize) && m_numel == d_numel,
+              "d and m must be contiguous float16 [tiles, K/groupsize, 16]");
+}
+
+void check_int8_layer(const at::Tensor& tiles, const at::Tensor& scales, int64_t K, int64_t groupsize, int64_t N) {
+  check_int8_pieces(tiles.scalar_type() == at::kChar && tiles.is_contiguous(), tiles.numel(),
+                    scales.scalar_type() == at::kFloat && scales.is_contiguous(), scales.numel(), K, groupsize, N);
 }
 
 void check_int4_layer(const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& m, int64_t K, int64_t groupsize,
                       int64_t N) {
-  const int64_t tile_count = (N + TILE - 1) / TILE;
-  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.numel() == tile_count * TILE * K / 2,
-              "tiles must be contiguous uint8 from cpu_ops.int4_tiles");
-  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous()
-              && d.numel() == tile_count * TILE * (K / groupsize) && m.numel() == d.numel(),
-              "d and m must be contiguous float16 [tiles, K/groupsize, 16]");
+  check_int4_pieces(tiles.scalar_type() == at::kByte && tiles.is_contiguous(), tiles.numel(),
+                    d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous(),
+                    d.numel(), m.numel(), K, groupsize, N);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& scales, int64_t groupsize,
@@ -1087,21 +1099,56 @@ struct Weights {  // one linear layer in its native kernel's layout
   int64_t tiles() const { return (N + TILE - 1) / TILE; }
 };
 
-Weights weights_of(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t kind, int64_t groupsize,
-                   int64_t K, int64_t N) {
+// A block's weights as one region (a uint8 tensor: the model's weights placed together, memory.py) and a
+// layout [PIECES, 3]: each piece's byte offset in the region (-1: absent), dtype code and element count, in
+// BLOCK_PIECES' order. One tensor for every weight of every block: the compiled step passes 1 input where it
+// passed 17 a block (dynamo fetching each, the wrapper converting each: ~0.7 us a tensor a token).
+enum PieceCode : int64_t { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, U8 = 4 };
+// attention norm, ffn norm, qkv bias, q norm, k norm, then a, b, c of qkv, wo, w1, w3 and w2
+constexpr int64_t PIECES = 20;
+struct Piece {
+  const void* p = nullptr;
+  int64_t code = -1, numel = 0;
+};
+
+std::array<Piece, PIECES> pieces_of(const at::Tensor& region, const at::Tensor& layout) {
+  TORCH_CHECK(region.scalar_type() == at::kByte && region.dim() == 1 && region.is_contiguous(),
+              "weights must be a contiguous 1-D uint8 region");
+  TORCH_CHECK(layout.scalar_type() == at::kLong && layout.is_contiguous() && layout.numel() == PIECES * 3,
+              "layout must be int64 [20, 3] (offset, dtype code, numel)");
+  static const int64_t sizes[] = {4, 2, 2, 1, 1};
+  const int64_t* l = layout.data_ptr<int64_t>();
+  const uint8_t* base = region.data_ptr<uint8_t>();
+  std::array<Piece, PIECES> pieces;
+  for (int64_t i = 0; i < PIECES; ++i) {
+    const int64_t offset = l[3 * i], code = l[3 * i + 1], numel = l[3 * i + 2];
+    if (offset < 0) continue;
+    TORCH_CHECK(code >= 0 && code <= U8 && numel >= 0, "layout: unknown dtype code");
+    TORCH_CHECK(offset % sizes[code] == 0 && offset + numel * sizes[code] <= region.numel(),
+                "layout: a piece lies outside the region or is misaligned");
+    pieces[i] = {base + offset, code, numel};
+  }
+  return pieces;
+}
+
+// A linear layer from its pieces a, b, c (kind 0: a float weight [N, K]; 1: int8 tiles and scales; 2: int4
+// tiles, d and m), checked as the separate kernels check their tensors.
+Weights weights_from(const Piece* abc, int64_t kind, int64_t groupsize, int64_t K, int64_t N) {
   Weights w;
-  w.kind = kind, w.K = K, w.N = N, w.a = a.data_ptr(), w.dtype = a.scalar_type();
+  const Piece &a = abc[0], &b = abc[1], &c = abc[2];
+  TORCH_CHECK(a.p != nullptr, "layout: a layer's weights are missing");
+  w.kind = kind, w.K = K, w.N = N, w.a = a.p, w.b = b.p, w.c = c.p;
   if (kind == 0) {
-    TORCH_CHECK(a.dim() == 2 && a.size(0) == N && a.size(1) == K && a.is_contiguous()
-                && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf),
-                "a float weight must be contiguous [N, K] float32, bfloat16 or float16");
+    TORCH_CHECK((a.code == F32 || a.code == BF16 || a.code == F16) && a.numel == N * K,
+                "a float weight must be [N, K] float32, bfloat16 or float16");
+    w.dtype = a.code == F32 ? at::kFloat : a.code == BF16 ? at::kBFloat16 : at::kHalf;
     return w;
   }
   TORCH_CHECK(kind == 1 || kind == 2, "kind must be 0 (float), 1 (int8) or 2 (int4)");
   TORCH_CHECK(K % BLOCK == 0, "K must be a multiple of 32");
-  if (kind == 1) check_int8_layer(a, b, K, groupsize, N);
-  else check_int4_layer(a, b, c, K, groupsize, N);
-  w.b = b.data_ptr(), w.c = c.data_ptr(), w.shift = group_shift(K, groupsize);
+  if (kind == 1) check_int8_pieces(a.code == I8, a.numel, b.code == F32, b.numel, K, groupsize, N);
+  else check_int4_pieces(a.code == U8, a.numel, b.code == F16 && c.code == F16 && c.p, b.numel, c.numel, K, groupsize, N);
+  w.shift = group_shift(K, groupsize);
   return w;
 }
 
@@ -1160,19 +1207,12 @@ void rms_norm(const float* x, const T* weight, double eps, int64_t n, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(weight[i]) * rounded<T>(x[i] * inverse));
 }
 
-template <typename T>
-const T* data_or_null(const c10::optional<at::Tensor>& t, int64_t numel) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->is_contiguous() && t->numel() == numel && t->scalar_type() == c10::CppTypeToScalarType<T>::value,
-              "norm weights and bias must be contiguous, in the activations' dtype");
-  return t->data_ptr<T>();
-}
-
 // One decoder block's inputs, resolved once per call: pointers in the activations' dtype T; the cache's
 // entries are T, or int8 with a float32 scale per head and position.
 template <typename T>
 struct BlockInputs {
   const T *h, *attention_norm, *ffn_norm, *bias, *q_norm, *k_norm, *cos, *sin;
+  const float* bias_f32;  // qkv's bias when float32 (a quantized layer's): rounded to T as the module path does
   double eps, ffn_eps, qk_eps;
   Weights qkv, wo, w1, w3, w2;
   int64_t R, dim, heads, kv_heads, D, L, mask_rows;
@@ -1237,7 +1277,8 @@ at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
       const float* out = qkv_p + r * N + hd * D;
       T* values = head_values.data();
       for (int64_t d = 0; d < D; ++d)
-        values[d] = static_cast<T>(b.bias ? rounded<T>(out[d]) + static_cast<float>(b.bias[hd * D + d]) : out[d]);
+        values[d] = static_cast<T>(b.bias ? rounded<T>(out[d]) + static_cast<float>(b.bias[hd * D + d])
+                                   : b.bias_f32 ? rounded<T>(out[d]) + rounded<T>(b.bias_f32[hd * D + d]) : out[d]);
       if (hd < H + KVH) {
         const T* head_norm = hd < H ? b.q_norm : b.k_norm;
         if (head_norm) {
@@ -1301,38 +1342,45 @@ at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
 
 
 template <typename T>
-at::Tensor decoder_block_dtype(BlockInputs<T>& b, const at::Tensor& norm_weight, const at::Tensor& ffn_norm_weight,
-                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
-                               const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
-                               bool int8_cache) {
+const T* piece_or_null(const Piece& piece, int64_t numel) {
+  if (!piece.p) return nullptr;
+  constexpr int64_t code = std::is_same_v<T, float> ? F32 : std::is_same_v<T, c10::BFloat16> ? BF16 : F16;
+  TORCH_CHECK(piece.code == code && piece.numel == numel, "norm weights and bias must be in the activations' dtype");
+  return static_cast<const T*>(piece.p);
+}
+
+template <typename T>
+at::Tensor decoder_block_dtype(BlockInputs<T>& b, const std::array<Piece, PIECES>& pieces, const at::Tensor& cos,
+                               const at::Tensor& sin, bool int8_cache) {
   const at::Tensor cos_t = cos.contiguous().to(c10::CppTypeToScalarType<T>::value);
   const at::Tensor sin_t = sin.contiguous().to(c10::CppTypeToScalarType<T>::value);
-  b.attention_norm = data_or_null<T>(norm_weight, b.dim), b.ffn_norm = data_or_null<T>(ffn_norm_weight, b.dim);
-  b.bias = data_or_null<T>(bias, b.qkv.N), b.q_norm = data_or_null<T>(q_norm, b.D), b.k_norm = data_or_null<T>(k_norm, b.D);
+  b.attention_norm = piece_or_null<T>(pieces[0], b.dim), b.ffn_norm = piece_or_null<T>(pieces[1], b.dim);
+  TORCH_CHECK(b.attention_norm && b.ffn_norm, "layout: the norms' weights are missing");
+  const Piece& bias = pieces[2];
+  b.bias_f32 = bias.p && bias.code == F32 && !std::is_same_v<T, float> ? static_cast<const float*>(bias.p) : nullptr;
+  b.bias = b.bias_f32 ? nullptr : piece_or_null<T>(bias, b.qkv.N);
+  TORCH_CHECK(!b.bias_f32 || bias.numel == b.qkv.N, "the bias must have qkv's out_features");
+  b.q_norm = piece_or_null<T>(pieces[3], b.D), b.k_norm = piece_or_null<T>(pieces[4], b.D);
   b.cos = cos_t.data_ptr<T>(), b.sin = sin_t.data_ptr<T>();
   return int8_cache ? decoder_block_typed<T, int8_t>(b) : decoder_block_typed<T, T>(b);
 }
 
 // A decoder block for the rows h [R, dim] (R <= 8) of a batch of one at cache positions [R]: see
-// decoder_block_typed. k and v [B, KVH, L, D] are the cache (its first sequence is used and written), of h's
-// dtype, or int8 with float32 scales [B, KVH, L, 1]; mask [.., R or 1, L]; cos and sin [R, head_dim].
-at::Tensor decoder_block(const at::Tensor& h_in, const at::Tensor& norm_weight, double eps, const at::Tensor& qkv_a,
-                         const at::Tensor& qkv_b, const at::Tensor& qkv_c, int64_t qkv_kind, int64_t qkv_groupsize,
-                         int64_t qkv_out, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& q_norm,
-                         const c10::optional<at::Tensor>& k_norm, double qk_eps, const at::Tensor& cos,
-                         const at::Tensor& sin, int64_t heads, int64_t kv_heads, at::Tensor& k, at::Tensor& v,
-                         const at::Tensor& positions_in, const at::Tensor& mask_in, const at::Tensor& wo_a,
-                         const at::Tensor& wo_b, const at::Tensor& wo_c, int64_t wo_kind, int64_t wo_groupsize,
-                         const at::Tensor& ffn_norm_weight, double ffn_eps, const at::Tensor& w1_a,
-                         const at::Tensor& w1_b, const at::Tensor& w1_c, const at::Tensor& w3_a, const at::Tensor& w3_b,
-                         const at::Tensor& w3_c, int64_t ffn_kind, int64_t ffn_groupsize, int64_t intermediate,
-                         const at::Tensor& w2_a, const at::Tensor& w2_b, const at::Tensor& w2_c, int64_t w2_kind,
-                         int64_t w2_groupsize, const c10::optional<at::Tensor>& k_scales,
+// decoder_block_typed. Its weights are pieces of `weights` as `layout` places them (pieces_of); kinds: each
+// linear's (kind, groupsize), qkv, wo, w1 (and w3), w2. k and v [B, KVH, L, D] are the cache (its first
+// sequence is used and written), of h's dtype, or int8 with float32 scales [B, KVH, L, 1]; mask [.., R or 1, L];
+// cos and sin [R, head_dim].
+at::Tensor decoder_block(const at::Tensor& h_in, const at::Tensor& weights, const at::Tensor& layout,
+                         at::IntArrayRef kinds, double eps, double ffn_eps, double qk_eps, int64_t heads,
+                         int64_t kv_heads, int64_t qkv_out, int64_t intermediate, const at::Tensor& cos,
+                         const at::Tensor& sin, at::Tensor& k, at::Tensor& v, const at::Tensor& positions_in,
+                         const at::Tensor& mask_in, const c10::optional<at::Tensor>& k_scales,
                          const c10::optional<at::Tensor>& v_scales) {
   const at::Tensor h = h_in.contiguous(), mask = mask_in.to(at::kBool).contiguous();
   const at::Tensor positions = positions_in.to(at::kLong).contiguous();
   const int64_t R = h.dim() == 2 ? h.size(0) : 0, D = qkv_out / (heads + 2 * kv_heads);
   TORCH_CHECK(R >= 1 && R <= MAX_ROWS, "decoder_block takes h [rows <= 8, dim]");
+  TORCH_CHECK(kinds.size() == 8, "kinds: (kind, groupsize) of qkv, wo, w1 and w3, w2");
   TORCH_CHECK(heads % kv_heads == 0 && D * (heads + 2 * kv_heads) == qkv_out && D % 2 == 0
               && cos.numel() == R * D && sin.numel() == R * D,
               "qkv's out_features must be (heads + 2 kv_heads) * head_dim, cos and sin [rows, head_dim]");
@@ -1344,11 +1392,12 @@ at::Tensor decoder_block(const at::Tensor& h_in, const at::Tensor& norm_weight, 
   TORCH_CHECK(mask.numel() == L || mask.numel() == R * L, "mask must be [.., rows or 1, L]");
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(pos[r] >= 0 && pos[r] < L, "cache position out of range");
-  const Weights qkv = weights_of(qkv_a, qkv_b, qkv_c, qkv_kind, qkv_groupsize, dim, qkv_out);
-  const Weights wo = weights_of(wo_a, wo_b, wo_c, wo_kind, wo_groupsize, heads * D, dim);
-  const Weights w1 = weights_of(w1_a, w1_b, w1_c, ffn_kind, ffn_groupsize, dim, intermediate);
-  const Weights w3 = weights_of(w3_a, w3_b, w3_c, ffn_kind, ffn_groupsize, dim, intermediate);
-  const Weights w2 = weights_of(w2_a, w2_b, w2_c, w2_kind, w2_groupsize, intermediate, dim);
+  const std::array<Piece, PIECES> pieces = pieces_of(weights, layout);
+  const Weights qkv = weights_from(&pieces[5], kinds[0], kinds[1], dim, qkv_out);
+  const Weights wo = weights_from(&pieces[8], kinds[2], kinds[3], heads * D, dim);
+  const Weights w1 = weights_from(&pieces[11], kinds[4], kinds[5], dim, intermediate);
+  const Weights w3 = weights_from(&pieces[14], kinds[4], kinds[5], dim, intermediate);
+  const Weights w2 = weights_from(&pieces[17], kinds[6], kinds[7], intermediate, dim);
   const bool int8_cache = k_scales.has_value();
   auto fill = [&](auto& b) {
     b.eps = eps, b.ffn_eps = ffn_eps, b.qk_eps = qk_eps;
@@ -1363,17 +1412,17 @@ at::Tensor decoder_block(const at::Tensor& h_in, const at::Tensor& norm_weight, 
     case at::kFloat: {
       BlockInputs<float> b{};
       fill(b), b.h = h.data_ptr<float>();
-      return decoder_block_dtype(b, norm_weight, ffn_norm_weight, bias, q_norm, k_norm, cos, sin, int8_cache);
+      return decoder_block_dtype(b, pieces, cos, sin, int8_cache);
     }
     case at::kBFloat16: {
       BlockInputs<c10::BFloat16> b{};
       fill(b), b.h = h.data_ptr<c10::BFloat16>();
-      return decoder_block_dtype(b, norm_weight, ffn_norm_weight, bias, q_norm, k_norm, cos, sin, int8_cache);
+      return decoder_block_dtype(b, pieces, cos, sin, int8_cache);
     }
     case at::kHalf: {
       BlockInputs<c10::Half> b{};
       fill(b), b.h = h.data_ptr<c10::Half>();
-      return decoder_block_dtype(b, norm_weight, ffn_norm_weight, bias, q_norm, k_norm, cos, sin, int8_cache);
+      return decoder_block_dtype(b, pieces, cos, sin, int8_cache);
     }
     default: TORCH_CHECK(false, "h must be float32, bfloat16 or float16");
   }
@@ -1391,13 +1440,9 @@ TORCH_LIBRARY(gptfast_cpu, m) {
         "int groupsize, int out_features) -> Tensor");
   m.def("int4_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_d, Tensor gate_m, Tensor up_tiles, Tensor up_d, "
         "Tensor up_m, int groupsize, int out_features) -> Tensor");
-  m.def("decoder_block(Tensor h, Tensor norm_weight, float eps, Tensor qkv_a, Tensor qkv_b, Tensor qkv_c, int qkv_kind, "
-        "int qkv_groupsize, int qkv_out, Tensor? bias, Tensor? q_norm, Tensor? k_norm, float qk_eps, Tensor cos, "
-        "Tensor sin, int heads, int kv_heads, Tensor(a!) k, Tensor(b!) v, Tensor positions, Tensor mask, Tensor wo_a, "
-        "Tensor wo_b, Tensor wo_c, int wo_kind, int wo_groupsize, Tensor ffn_norm_weight, float ffn_eps, Tensor w1_a, "
-        "Tensor w1_b, Tensor w1_c, Tensor w3_a, Tensor w3_b, Tensor w3_c, int ffn_kind, int ffn_groupsize, "
-        "int intermediate, Tensor w2_a, Tensor w2_b, Tensor w2_c, int w2_kind, int w2_groupsize, "
-        "Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> Tensor");
+  m.def("decoder_block(Tensor h, Tensor weights, Tensor layout, int[] kinds, float eps, float ffn_eps, float qk_eps, "
+        "int heads, int kv_heads, int qkv_out, int intermediate, Tensor cos, Tensor sin, Tensor(a!) k, Tensor(b!) v, "
+        "Tensor positions, Tensor mask, Tensor(c!)? k_scales=None, Tensor(d!)? v_scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {

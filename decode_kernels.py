@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 import cpu_ops
+import memory
 from model import Attention, FeedForward, TransformerBlock
 
 
@@ -259,11 +260,12 @@ class DecodeBlock(TransformerBlock):
     entries and scales), as DecodeAttention's native path reads it."""
 
     native_rows: frozenset = frozenset()
+    native_region = native_layout = native_kinds = None  # pack_native_weights: where the one call finds its weights
 
     def forward(self, x, rope, mask, cache_pos):
         rows = x.shape[1]
         if (rows in self.native_rows and x.shape[0] == 1 and torch.compiler.is_compiling()
-                and mask.shape[2] in (1, rows) and not self.compiled_as_region()):
+                and mask.shape[2] in (1, rows) and not self.compiled_as_region() and self.native_layout is not None):
             return self.native_forward(x, rope, mask, cache_pos)
         return super().forward(x, rope, mask, cache_pos)
 
@@ -286,23 +288,53 @@ class DecodeBlock(TransformerBlock):
         return (all(w is not None for w in weights) and weights[2][3:] == weights[3][3:]
                 and all(m.bias is None for m in linears[1:]))
 
-    def native_forward(self, x, rope, mask, cache_pos):
-        attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
-        wqkv, wo, w1, w3, w2 = self.linears()
-        rows = x.shape[1]
+    def native_pieces(self) -> list:
+        """What the one call reads, in cpu_ops.cpp's PIECES order (None: absent): the norms, qkv's bias, q and k
+        norms (Qwen3), then each product's layout (a, b, c of native_weights)."""
+        attention = self.attention
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        bias = None if wqkv.bias is None else wqkv.bias.to(x.dtype)
+        pieces = [self.attention_norm.weight, self.ffn_norm.weight, attention.wqkv.bias,
+                  q_norm.weight if q_norm else None, k_norm.weight if k_norm else None]
+        for linear in self.linears():
+            pieces += linear.native_weights()[:3]
+        return pieces
+
+    def pack_native_weights(self, region=None):
+        """Give the one call its weights as one region and the pieces' places in it (native_region,
+        native_layout): the compiled step then passes one tensor for all of them, not ~17 a block (each one
+        fetched by dynamo's bytecode and converted by the wrapper on every token: ~0.7 us a tensor, ~0.35 ms of
+        a 4 ms int4 SmolLM2 token). `region`: the model's weights placed together at load
+        (memory.place_in_huge_pages), if every piece lies in it; else the block's weights are moved into a
+        region of their own. The modules keep their tensors (now in the region): the module path is unchanged."""
+        pieces = self.native_pieces()
+        if region is None or not all(memory.inside(t, region) for t in pieces if t is not None):
+            region, _ = memory.place_together(self)
+            pieces = self.native_pieces()
+        base = region.data_ptr()
+        layout = [[t.data_ptr() - base, PIECE_CODES[t.dtype], t.numel()] if t is not None else [-1, 0, 0]
+                  for t in pieces]
+        self.native_region, self.native_layout = region, torch.tensor(layout, dtype=torch.long)
+        linears = self.linears()
+        self.native_kinds = [value for i in (0, 1, 2, 4) for value in linears[i].native_weights()[3:5]]
+
+    def native_forward(self, x, rope, mask, cache_pos):
+        if not torch.compiler.is_compiling():  # eager (tests): packed as the modules are now
+            self.pack_native_weights(self.native_region)
+        attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
+        rows = x.shape[1]
+        q_norm = getattr(attention, "q_norm", None)
         cache = attention.kv_cache  # written in place: k and v, and an int8 cache's scales
         scales = (cache.k_scales, cache.v_scales) if getattr(cache, "quantized", False) else ()
-        ffn_weights = w1.native_weights()
+        wqkv, w1 = attention.wqkv, ffn.w1
         out = ops.decoder_block(
-            x.reshape(rows, -1), self.attention_norm.weight, self.attention_norm.eps, *wqkv.native_weights(),
-            wqkv.out_features, bias, q_norm.weight if q_norm else None, k_norm.weight if k_norm else None,
-            q_norm.eps if q_norm else 0.0, rope[0], rope[1], attention.n_head, attention.n_local_heads,
-            cache.k_cache, cache.v_cache, cache_pos, mask, *wo.native_weights(), self.ffn_norm.weight,
-            self.ffn_norm.eps, *ffn_weights[:3], *w3.native_weights()[:3], *ffn_weights[3:], w1.out_features,
-            *w2.native_weights(), *scales)
+            x.reshape(rows, -1), self.native_region, self.native_layout, self.native_kinds, self.attention_norm.eps,
+            self.ffn_norm.eps, q_norm.eps if q_norm else 0.0, attention.n_head, attention.n_local_heads,
+            wqkv.out_features, w1.out_features, rope[0], rope[1], cache.k_cache, cache.v_cache, cache_pos, mask,
+            *scales)
         return out.view_as(x)
+
+
+PIECE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}  # cpu_ops.cpp's
 
 
 class RegionBlock(DecodeBlock):
@@ -338,6 +370,7 @@ def choose_block_paths(models: list, choices: cpu_ops.KernelChoices):
             block.native_rows = frozenset()
             if not block.can_take_native():
                 continue
+            block.pack_native_weights(getattr(model, "weight_region", None))  # again: the paths chosen may differ
             native_rows = set()
             for rows in BLOCK_TIMED_ROWS:
                 key = block_key(block, dtype, rows, int8_cache(model))
@@ -368,10 +401,11 @@ def time_block(block: DecodeBlock, dtype, rows: int, int8: bool = False) -> dict
         block.native_rows = frozenset({rows}) if native else frozenset()
         return DecodeBlock.forward(block, x, (cos, sin), mask, position)
 
-    try:
-        return cpu_ops.time_compiled_alternately(
-            {"module path": lambda *inputs: run(False, *inputs), "one call": lambda *inputs: run(True, *inputs)},
-            x, *rope, mask, position)
+    try:  # as the whole step compiles it (compiled_step.py swaps in RegionBlocks and inlines them: the one call)
+        with torch._dynamo.config.patch(inline_invoke_subgraph=True):
+            return cpu_ops.time_compiled_alternately(
+                {"module path": lambda *inputs: run(False, *inputs), "one call": lambda *inputs: run(True, *inputs)},
+                x, *rope, mask, position)
     finally:
         attention.kv_cache, block.native_rows = kept_cache, kept_rows
 
@@ -428,3 +462,7 @@ def swap_decode_modules(models: list, mode: str):
             module.__class__ = DecodeFeedForward
         elif type(module) in (TransformerBlock, RegionBlock, DecodeBlock):
             module.__class__ = RegionBlock if mode == "regional" else DecodeBlock
+    for model in models:  # where a compiled step (built here or loaded: compiled_step.py) finds a block's weights
+        for block in (m for m in model.modules() if isinstance(m, DecodeBlock)):
+            if block.attention_norm.weight.device.type == "cpu" and block.can_take_native():
+                block.pack_native_weights(getattr(model, "weight_region", None))

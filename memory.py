@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
-from model import Transformer
+from model import KVCache, Transformer
 
 CACHE_BUFFERS = ("kv_cache", "rope_", "causal_mask", "window_mask")
 
@@ -56,7 +56,7 @@ def checkpoint_mappings() -> list:
 
 MADV_DONTNEED, MADV_HUGEPAGE = 4, 14
 HUGE_PAGE = 2 << 20
-HUGE_PAGE_MIN_BYTES = 1 << 16  # smaller tensors stay where they are
+HUGE_PAGE_MIN_BYTES = 0  # every weight: a block's norms lie in the region beside its products
 
 
 def release_mapped_pages(tensor, mappings: list):
@@ -87,7 +87,9 @@ def transparent_huge_pages() -> bool:
 
 
 def place_in_huge_pages(model: torch.nn.Module) -> int:
-    """Copy the model's large CPU weights into one buffer of transparent huge pages; returns the bytes moved.
+    """Copy the model's CPU weights into one buffer of transparent huge pages; returns the bytes moved. The
+    buffer, as one uint8 tensor, is `model.weight_region`: a decoded token's block finds its weights in it
+    (decode_kernels.DecodeBlock.pack_native_weights).
 
     A decoded token reads every weight once. In 4 KB pages that is a TLB miss per page (SmolLM2 in bfloat16:
     66,000 page walks a token), in 2 MB pages about a hundred: SmolLM2's bfloat16 products, all 151 in turn on
@@ -96,30 +98,43 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
     were copied are dropped from the process, so the resident set holds the weights once."""
     if not transparent_huge_pages():
         return 0
+    model.weight_region, moved = place_together(model, HUGE_PAGE_MIN_BYTES, huge_pages=True)
+    return moved
+
+
+def place_together(root: torch.nn.Module, min_bytes: int = 0, huge_pages: bool = False) -> tuple:
+    """(region, bytes moved): the CPU weights under `root` of at least `min_bytes` each (not a KV cache, not
+    sharing storage with another) copied into one new buffer, each as a tensor with a storage of its own over
+    its part; region is that buffer as one uint8 tensor (None if nothing moved)."""
     places, storages = {}, {}  # id of a tensor -> [(owner, name, is parameter)]; storage -> ids of its tensors
     tensors = {}
-    for owner in model.modules():
+    for owner in root.modules():
+        if isinstance(owner, KVCache):
+            continue
         for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
             for name, tensor in table.items():
                 if (tensor is None or tensor.device.type != "cpu" or tensor.is_meta or not tensor.is_contiguous()
                         or any(part in name for part in CACHE_BUFFERS)
-                        or tensor.numel() * tensor.element_size() < HUGE_PAGE_MIN_BYTES):
+                        or tensor.numel() * tensor.element_size() < min_bytes):
                     continue
                 tensors[id(tensor)] = tensor
                 places.setdefault(id(tensor), []).append((owner, name, is_parameter))
                 storages.setdefault(tensor.untyped_storage().data_ptr(), set()).add(id(tensor))
     movable = [key for key, t in tensors.items() if len(storages[t.untyped_storage().data_ptr()]) == 1]
     if not movable:
-        return 0
+        return None, 0
     sizes = {key: -(-tensors[key].numel() * tensors[key].element_size() // 64) * 64 for key in movable}
-    # An anonymous mapping (page-aligned; its pages not touched yet) marked for huge pages. Each weight gets a
-    # storage of its own over its part (torch.frombuffer), as it had: weights that alias one storage are refused
-    # by torch.compile's subgraphs.
-    region = mmap.mmap(-1, sum(sizes.values()) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # An anonymous mapping (page-aligned; its pages not touched yet), marked for huge pages where asked. Each
+    # weight gets a storage of its own over its part (torch.frombuffer), as it had: weights that alias one
+    # storage are refused by torch.compile's subgraphs.
+    total = sum(sizes.values())
+    region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = ctypes.addressof(ctypes.c_char.from_buffer(region))
     start = -(-base // HUGE_PAGE) * HUGE_PAGE
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(sum(sizes.values())), MADV_HUGEPAGE)
+    if huge_pages:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(total), MADV_HUGEPAGE)
     mappings, offset, moved = checkpoint_mappings(), start - base, 0
+    whole = torch.frombuffer(region, dtype=torch.uint8, count=total, offset=offset)
     for key in movable:
         tensor = tensors.pop(key)
         nbytes = tensor.numel() * tensor.element_size()
@@ -133,7 +148,14 @@ def place_in_huge_pages(model: torch.nn.Module) -> int:
             (owner._parameters if is_parameter else owner._buffers)[name] = new
         offset, moved = offset + sizes[key], moved + nbytes
         del tensor, new
-    return moved
+    return whole, moved
+
+
+def inside(tensor: torch.Tensor, region: torch.Tensor) -> bool:
+    """Whether `tensor`'s elements lie in `region`'s memory (contiguous, on the CPU)."""
+    first = tensor.data_ptr()
+    return (tensor.is_contiguous() and region.data_ptr() <= first
+            and first + tensor.numel() * tensor.element_size() <= region.data_ptr() + region.numel())
 
 
 def layer_weight_bytes(model: Transformer) -> int:

@@ -246,3 +246,18 @@ def test_a_saved_step_keeps_only_the_global_state_guard():
     compiled.aot_compile(((torch.nn.Linear(4, 4), torch.ones(1, 4)), {}))
     assert {kind for kind, kept in seen if kept} == {"GLOBAL_STATE"}
     assert "TENSOR_MATCH" in {kind for kind, kept in seen if not kept}
+
+
+@pytest.mark.slow
+def test_a_loaded_step_has_its_global_state_checked_before_each_token(built):
+    """A loaded step's guard (grad mode and the like) is checked by next_step, not by binding every call's
+    arguments: under grad mode, which the step was not compiled for, the decode falls back to eager."""
+    checkpoint = built[0]
+    model = tiny_model(checkpoint)
+    background = compiled_step.BackgroundCompile(model, checkpoint, 1, {}, "auto", command=None).start()
+    stage, step = background.current
+    assert stage == "whole" and hasattr(step, "global_state_holds")
+    with torch.no_grad():
+        assert step.global_state_holds() and background.next_step()[0] == "whole"
+    with torch.enable_grad():
+        assert not step.global_state_holds() and background.next_step()[0] == "eager"

@@ -638,6 +638,7 @@ def test_a_compiled_block_takes_the_native_call_where_measured_faster(tiny_model
         block, rope, mask, position = native_block(tiny_models, "qwen3", "int4 g32", torch.float32, tmp_path,
                                                    rows=rows)
         block.native_rows = frozenset({rows})
+        block.pack_native_weights()  # (swap_decode_modules and choose_block_paths do it for a model)
         x = torch.randn(1, rows, model.args.dim)
         compiled = torch.compile(lambda *inputs: block(*inputs), fullgraph=True, dynamic=False)
         expected, written, out = module_path_and(compiled, block, x, rope, mask, position)
@@ -660,3 +661,74 @@ def test_a_compiled_block_takes_the_native_call_where_measured_faster(tiny_model
     assert not block.can_take_native()
     decode_kernels.choose_block_paths([model], choices)
     assert not block.native_rows and decode_kernels.block_paths_summary([model]) == []
+
+
+@native
+def test_a_block_finds_its_weights_in_the_models_region_or_moves_them_into_its_own(tiny_models, tmp_path, monkeypatch):
+    """pack_native_weights: a model loaded with its weights placed together (memory.place_in_huge_pages) gives
+    every block its pieces' places in that region, nothing copied; a block without one moves its weights into a
+    region of its own, the module path computing what it did; a layout that points outside the region, or at a
+    piece of the wrong dtype, is refused with a clear error, not read."""
+    import generate
+    import memory
+
+    monkeypatch.setattr(memory, "transparent_huge_pages", lambda: True)  # (the region, with or without THP)
+    model = generate.load_model(tiny_models["qwen2"][2], "cpu", torch.float32)  # Qwen2: qkv's bias in the layout
+    decode_kernels.swap_decode_modules([model], "whole")
+    block = model.layers[0]
+    places = [t.data_ptr() for t in block.native_pieces() if t is not None]
+    assert block.native_region is model.weight_region
+    assert [t.data_ptr() for t in block.native_pieces() if t is not None] == places
+    assert (block.native_layout[:, 0] >= 0).sum() == len(places)
+
+    block, rope, mask, position = native_block(tiny_models, "llama", "int4 g32", torch.float32, tmp_path)
+    x = torch.randn(1, 1, block.attention_norm.weight.shape[0])
+    kept = [buffer.clone() for buffer in block.attention.kv_cache.buffers()]
+    with torch.no_grad():
+        before = decode_kernels.TransformerBlock.forward(block, x, rope, mask, position)
+        for buffer, saved in zip(block.attention.kv_cache.buffers(), kept):
+            buffer.copy_(saved)
+        block.pack_native_weights()
+    region = block.native_region
+    assert all(memory.inside(t, region) for t in block.native_pieces() if t is not None)
+    with torch.no_grad():
+        assert torch.equal(decode_kernels.TransformerBlock.forward(block, x, rope, mask, position), before)
+    out = torch.randn(1, 1, x.shape[-1])
+    cache = block.attention.kv_cache
+    call = lambda layout, region=region: cpu_ops.ops().decoder_block(
+        x.reshape(1, -1), region, layout, block.native_kinds, 1e-5, 1e-5, 0.0, block.attention.n_head,
+        block.attention.n_local_heads, block.attention.wqkv.out_features, block.feed_forward.w1.out_features,
+        rope[0], rope[1], cache.k_cache, cache.v_cache, position, mask)
+    assert call(block.native_layout).shape == out.shape[1:]
+    outside = block.native_layout.clone()
+    outside[5, 0] = region.numel()  # qkv's tiles past the end
+    with pytest.raises(RuntimeError, match="outside the region"):
+        call(outside)
+    wrong = block.native_layout.clone()
+    wrong[0, 1] = decode_kernels.PIECE_CODES[torch.bfloat16]  # the norm said to be bfloat16
+    with pytest.raises(RuntimeError, match="activations' dtype"):
+        call(wrong)
+
+
+@native
+def test_block_timing_compiles_the_one_call_for_the_blocks_a_build_swaps_in(tiny_models, tmp_path, monkeypatch):
+    """compiled_step.build_stages swaps in RegionBlocks (a region compiled alone keeps the module path); the
+    whole step inlines them, and so must the timing of the one call against the module path (before: both
+    timed the module path, and the choice between them was a coin toss)."""
+    block, rope, mask, position = native_block(tiny_models, "llama", "int4 g32", torch.float32, tmp_path)
+    block.__class__ = decode_kernels.RegionBlock
+    graphs = {}
+
+    def recording(candidates, *inputs):
+        for name, run in candidates.items():
+            def backend(graph_module, example_inputs, name=name):
+                graphs[name] = str(graph_module.graph)
+                return graph_module.forward
+            torch._dynamo.reset()
+            torch.compile(run, backend=backend, fullgraph=True)(*inputs)
+        return {name: 1.0 for name in candidates}
+
+    monkeypatch.setattr(cpu_ops, "time_compiled_alternately", recording)
+    with torch.no_grad():
+        decode_kernels.time_block(block, torch.float32, 1)
+    assert "decoder_block" in graphs["one call"] and "decoder_block" not in graphs["module path"]
