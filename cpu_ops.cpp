@@ -977,34 +977,76 @@ struct CacheHead {
   }
 };
 
-// One query row q [D] of one head against its KV head's cached rows where mask [L] lets it through.
-template <typename T, typename KV>
-void attend_row(const T* q, const CacheHead<KV>& cache, const bool* mask, int64_t L, int64_t D,
-                WeightedRows<KV> weighted, T* out) {
-  const KV *k = cache.k, *v = cache.v;
-  thread_local std::vector<float> scores, query, acc;
-  scores.resize(L);
-  query.resize(D);
-  acc.resize(D);
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  for (int64_t d = 0; d < D; ++d) query[d] = static_cast<float>(q[d]) * scale;
-  // [first, last): the positions from the first to the last one attended to (a causal decode's prefix, a
-  // sliding window), found 8 mask bytes at a time; holes inside (a Medusa tree's) are skipped one by one.
+// [first, last): the positions from the first to the last one that mask [L] lets through (a causal decode's
+// prefix, a sliding window), found 8 mask bytes at a time; holes inside (a Medusa tree's) are skipped later.
+inline std::pair<int64_t, int64_t> attended_range(const bool* mask, int64_t L) {
   int64_t first = 0, last = L;
   while (first + 8 <= last && zero_bytes(mask + first)) first += 8;
   while (first < last && !mask[first]) ++first;
   while (last - 8 >= first && zero_bytes(mask + last - 8)) last -= 8;
   while (last > first && !mask[last - 1]) --last;
+  return {first, last};
+}
+
+// One query row q [D] of one head against its KV head's cached rows [begin, end) where mask lets it through,
+// the softmax not yet normalized: acc [D] = sum of exp(score - top) * value row; returns top (-inf where
+// nothing is attended) and sets *sum to the sum of the exps. Parts over split positions merge (merge_parts).
+template <typename T, typename KV>
+float attend_part(const T* q, const CacheHead<KV>& cache, const bool* mask, int64_t begin, int64_t end, int64_t D,
+                  WeightedRows<KV> weighted, float* acc, float* sum) {
+  const KV *k = cache.k, *v = cache.v;
+  thread_local std::vector<float> scores, query;
+  scores.resize(std::max<int64_t>(end, 1));
+  query.resize(D);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  for (int64_t d = 0; d < D; ++d) query[d] = static_cast<float>(q[d]) * scale;
   float top = -INFINITY;
-  for (int64_t l = first; l < last; ++l) {
+  for (int64_t l = begin; l < end; ++l) {
     scores[l] = mask[l] ? dot_row(query.data(), k + l * D, D) * (cache.k_scale ? cache.k_scale[l] : 1.f) : -INFINITY;
     top = std::max(top, scores[l]);
   }
-  const float inverse = last > first ? 1.f / exp_and_sum(scores.data() + first, last - first, top) : 0.f;
+  if (top == -INFINITY) {  // nothing attended here
+    std::fill(acc, acc + D, 0.f);
+    *sum = 0.f;
+    return top;
+  }
+  *sum = exp_and_sum(scores.data() + begin, end - begin, top);
   if (cache.v_scale)  // each value row's scale folded into its weight, after the softmax's sum
-    for (int64_t l = first; l < last; ++l) scores[l] *= cache.v_scale[l];
-  weighted(acc.data(), scores.data(), v, mask, first, last, D);  // a row that attends to nothing: zeros
+    for (int64_t l = begin; l < end; ++l) scores[l] *= cache.v_scale[l];
+  weighted(acc, scores.data(), v, mask, begin, end, D);
+  return top;
+}
+
+// One query row q [D] of one head against its KV head's cached rows where mask [L] lets it through.
+template <typename T, typename KV>
+void attend_row(const T* q, const CacheHead<KV>& cache, const bool* mask, int64_t L, int64_t D,
+                WeightedRows<KV> weighted, T* out) {
+  thread_local std::vector<float> acc;
+  acc.resize(D);
+  const auto [first, last] = attended_range(mask, L);
+  float sum = 0.f;
+  attend_part(q, cache, mask, first, last, D, weighted, acc.data(), &sum);
+  const float inverse = sum > 0.f ? 1.f / sum : 0.f;  // a row that attends to nothing: zeros
   for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inverse);
+}
+
+// The softmax of parts (attend_part's top, sum and acc [D] each) of one row, over all of them, rounded to T.
+template <typename T>
+void merge_parts(const float* tops, const float* sums, const float* accs, int64_t parts, int64_t stride,
+                 int64_t D, T* out) {
+  float top = -INFINITY;
+  for (int64_t p = 0; p < parts; ++p) top = std::max(top, tops[p * stride]);
+  thread_local std::vector<float> merged;
+  merged.assign(D, 0.f);
+  float total = 0.f;
+  for (int64_t p = 0; p < parts; ++p) {
+    if (tops[p * stride] == -INFINITY) continue;
+    const float weight = std::exp(tops[p * stride] - top);
+    total += weight * sums[p * stride];
+    for (int64_t d = 0; d < D; ++d) merged[d] += weight * accs[p * stride * D + d];
+  }
+  const float inverse = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(merged[d] * inverse);
 }
 
 template <typename KV>
@@ -1248,17 +1290,23 @@ at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
   const int64_t inter = b.w1.N, group = H / KVH;
   const WeightedRows<KV> weighted = weighted_rows_for<KV>(D);
   thread_local std::vector<float> qkv_out, wo_out, gate, up;
-  thread_local std::vector<T> queries, attended, activated, residual;  // shared by the threads, each writing its part
+  thread_local std::vector<T> queries, activated, residual;  // shared by the threads, each writing its part
+  thread_local std::vector<float> tops, sums, accs;  // attention's softmax parts [threads, R * H] (accs: x D)
+  const int64_t team = at::get_num_threads();
+  tops.resize(team * R * H), sums.resize(team * R * H), accs.resize(team * R * H * D);
+  float *part_top = tops.data(), *part_sum = sums.data(), *part_acc = accs.data();
   qkv_out.resize(R * N), wo_out.resize(R * dim), gate.resize(R * inter), up.resize(R * inter);
-  queries.resize(R * H * D), attended.resize(R * H * D), activated.resize(R * inter), residual.resize(R * dim);
+  queries.resize(R * H * D), activated.resize(R * inter), residual.resize(R * dim);
   float *qkv_p = qkv_out.data(), *wo_p = wo_out.data(), *gate_p = gate.data(), *up_p = up.data();
-  T *q_p = queries.data(), *att = attended.data(), *act = activated.data(), *h2 = residual.data();
+  T *q_p = queries.data(), *act = activated.data(), *h2 = residual.data();
   at::Tensor result = at::empty({R, dim}, c10::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* y = result.data_ptr<T>();
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(team)
   {
     const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
     thread_local RowInput in;
+    thread_local std::vector<T> attended;  // wo's input, merged by each thread
+    attended.resize(R * H * D);
     thread_local std::vector<float> rows_float, head;
     thread_local std::vector<T> normed, head_values;
     rows_float.resize(R * dim), normed.resize(R * dim), head.resize(D), head_values.resize(D);
@@ -1266,13 +1314,23 @@ at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
     for (int64_t i = 0; i < R * dim; ++i) rows_float[i] = static_cast<float>(b.h[i]);
     for (int64_t r = 0; r < R; ++r) rms_norm(rows_float.data() + r * dim, b.attention_norm, b.eps, dim, normed.data() + r * dim);
     in.set(normed.data(), R, dim, b.qkv.kind != 0);
+    // The cache lines this thread's k and v heads will be written to (after qkv), fetched meanwhile: a line not
+    // in cache costs a read from memory before the write (the int4 SmolLM2 block's heads phase: 3.7 -> us).
+    const int64_t items = R * (H + 2 * KVH), entry_bytes = D * static_cast<int64_t>(sizeof(KV));
+    for (int64_t i = thread; i < items; i += threads) {
+      const int64_t r = i / (H + 2 * KVH), hd = i % (H + 2 * KVH);
+      if (hd < H) continue;
+      const bool is_k = hd < H + KVH;
+      const int64_t slot = (is_k ? hd - H : hd - H - KVH) * L + b.positions[r];
+      const char* entry = reinterpret_cast<const char*>((is_k ? k_cache : v_cache) + slot * D);
+      for (int64_t byte = 0; byte < entry_bytes; byte += 64) __builtin_prefetch(entry + byte, 1, 3);
+    }
     const auto [t_begin, t_end] = share_of(b.qkv.tiles(), thread, threads);
     run_tiles(b.qkv, in, qkv_p, t_begin, t_end);
 #pragma omp barrier
     // (row, head) pairs over q's, k's and v's heads: in T (+ bias), q and k normed (Qwen3) and rotated, q kept
     // for attention ([H, R, D], as attention takes it), k and v written to the cache at the row's position
-    const auto [p_begin, p_end] = share_of(R * (H + 2 * KVH), thread, threads);
-    for (int64_t i = p_begin; i < p_end; ++i) {
+    for (int64_t i = thread; i < items; i += threads) {  // every other one: q's heads, and k's and v's, split evenly
       const int64_t r = i / (H + 2 * KVH), hd = i % (H + 2 * KVH);
       const float* out = qkv_p + r * N + hd * D;
       T* values = head_values.data();
@@ -1303,15 +1361,23 @@ at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
       store_head(values, D, (is_k ? k_cache : v_cache) + slot * D, scales ? scales + slot : nullptr);
     }
 #pragma omp barrier
+    // Every (head, row) over this thread's share of the row's attended positions (shares of the heads would
+    // leave one thread a head more: 5 of SmolLM2's 9 against 4), as softmax parts that each thread then merges
+    // for all heads into its own copy of wo's input [R, H * D].
     const CacheHead<KV> cache{k_cache, v_cache, b.k_scales, b.v_scales};
-    const auto [a_begin, a_end] = share_of(H * R, thread, threads);
-    for (int64_t i = a_begin; i < a_end; ++i) {  // (head, row) pairs; out as wo takes it: [R, H * D]
+    for (int64_t i = 0; i < H * R; ++i) {
       const int64_t hd = i / R, r = i % R, kv_head = hd / group;
-      attend_row(q_p + i * D, cache.at(kv_head * L * D, kv_head * L), b.mask + (b.mask_rows == 1 ? 0 : r * L), L, D,
-                 weighted, att + r * H * D + hd * D);
+      const bool* row_mask = b.mask + (b.mask_rows == 1 ? 0 : r * L);
+      const auto [first, last] = attended_range(row_mask, L);
+      const auto [begin, end] = share_of(last - first, thread, threads);
+      const int64_t slot = thread * H * R + r * H + hd;
+      part_top[slot] = attend_part(q_p + i * D, cache.at(kv_head * L * D, kv_head * L), row_mask, first + begin,
+                                   first + end, D, weighted, part_acc + slot * D, part_sum + slot);
     }
 #pragma omp barrier
-    in.set(att, R, H * D, b.wo.kind != 0);
+    for (int64_t i = 0; i < R * H; ++i)
+      merge_parts(part_top + i, part_sum + i, part_acc + i * D, threads, H * R, D, attended.data() + i * D);
+    in.set(attended.data(), R, H * D, b.wo.kind != 0);
     const auto [o_begin, o_end] = share_of(b.wo.tiles(), thread, threads);
     run_tiles(b.wo, in, wo_p, o_begin, o_end);
 #pragma omp barrier
@@ -1341,6 +1407,11 @@ at::Tensor decoder_block_typed(const BlockInputs<T>& b) {
 }
 
 
+// t itself where it already is (no dispatcher trip: a block's inputs usually are), else a contiguous copy
+inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
 template <typename T>
 const T* piece_or_null(const Piece& piece, int64_t numel) {
   if (!piece.p) return nullptr;
@@ -1352,8 +1423,8 @@ const T* piece_or_null(const Piece& piece, int64_t numel) {
 template <typename T>
 at::Tensor decoder_block_dtype(BlockInputs<T>& b, const std::array<Piece, PIECES>& pieces, const at::Tensor& cos,
                                const at::Tensor& sin, bool int8_cache) {
-  const at::Tensor cos_t = cos.contiguous().to(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor sin_t = sin.contiguous().to(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor cos_t = contiguous_as(cos, c10::CppTypeToScalarType<T>::value);
+  const at::Tensor sin_t = contiguous_as(sin, c10::CppTypeToScalarType<T>::value);
   b.attention_norm = piece_or_null<T>(pieces[0], b.dim), b.ffn_norm = piece_or_null<T>(pieces[1], b.dim);
   TORCH_CHECK(b.attention_norm && b.ffn_norm, "layout: the norms' weights are missing");
   const Piece& bias = pieces[2];
@@ -1376,8 +1447,8 @@ at::Tensor decoder_block(const at::Tensor& h_in, const at::Tensor& weights, cons
                          const at::Tensor& sin, at::Tensor& k, at::Tensor& v, const at::Tensor& positions_in,
                          const at::Tensor& mask_in, const c10::optional<at::Tensor>& k_scales,
                          const c10::optional<at::Tensor>& v_scales) {
-  const at::Tensor h = h_in.contiguous(), mask = mask_in.to(at::kBool).contiguous();
-  const at::Tensor positions = positions_in.to(at::kLong).contiguous();
+  const at::Tensor h = contiguous_as(h_in, h_in.scalar_type()), mask = contiguous_as(mask_in, at::kBool);
+  const at::Tensor positions = contiguous_as(positions_in, at::kLong);
   const int64_t R = h.dim() == 2 ? h.size(0) : 0, D = qkv_out / (heads + 2 * kv_heads);
   TORCH_CHECK(R >= 1 && R <= MAX_ROWS, "decoder_block takes h [rows <= 8, dim]");
   TORCH_CHECK(kinds.size() == 8, "kinds: (kind, groupsize) of qkv, wo, w1 and w3, w2");
