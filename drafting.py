@@ -383,6 +383,7 @@ def drafted_decode_n_tokens(model: Transformer, drafter, cur_token: Tensor, inpu
     The drafter's DraftLength says how many tokens each step may draft (0: a plain step with decode_one); a step
     returns the tokens produced, the drafts accepted and the number it drafted (0 when it found none)."""
     goal = len(new_tokens) + num_new_tokens
+    can_stop = stop_ids.numel() > 0  # as decode_n_tokens: no check (a device sync a token) without stop ids
     while len(new_tokens) < goal:
         drafts = drafter.length.next()
         start = time.perf_counter()
@@ -392,7 +393,7 @@ def drafted_decode_n_tokens(model: Transformer, drafter, cur_token: Tensor, inpu
         for token in produced[: goal - len(new_tokens)].view(-1, 1, 1):
             new_tokens.append(token)
             callback(token)
-            if torch.isin(token[0], stop_ids).item():
+            if can_stop and torch.isin(token[0], stop_ids).item():
                 return
         input_pos += len(produced)
         cur_token = produced[-1].view(1, 1)
