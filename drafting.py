@@ -127,6 +127,19 @@ class DraftLength:
     def next(self) -> int:
         return 0 if self.plain_left > 0 or self.never_pays else self.length
 
+    def plain_run(self) -> int:
+        """Plain steps to take in a row from here (the plain decode loop can take them: no drafted loop's work
+        a token): the rest of a pause, all of them (a large number) once drafting never pays; 0 while each step
+        is its own (a drafted one, or the first plain one, which is not timed)."""
+        if not self.adaptive or self.untimed[False]:
+            return 0
+        return 1 << 30 if self.never_pays else self.plain_left
+
+    def plain_ran(self, steps: int, seconds: float):
+        """`steps` plain steps taken in a row in `seconds`."""
+        self.step_seconds[False] = self.average(self.step_seconds[False], seconds / steps)
+        self.plain_left = max(self.plain_left - steps, 0)
+
     @staticmethod
     def average(previous, value):
         return value if previous is None else 0.7 * previous + 0.3 * value
@@ -202,10 +215,14 @@ class SpeculativeDrafter:
         self.draft_model(prompt, prompt_pos)  # only the draft's cache is wanted
         self.missed, self.missed_from = [], None  # tokens of plain steps, which the draft has not seen yet
 
+    def decoded_plainly(self, tokens: Tensor, input_pos: int):
+        """The target took `tokens` [n] (the first at input_pos) without drafting: the draft's cache is missing them."""
+        self.missed_from = input_pos if not self.missed else self.missed_from
+        self.missed.append(tokens.view(-1))
+
     def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int, **sampling):
         if drafts == 0:
-            self.missed_from = input_pos if not self.missed else self.missed_from
-            self.missed.append(cur_token.view(-1))
+            self.decoded_plainly(cur_token, input_pos)
             return plain_step(model, cur_token, input_pos, decode_one, **sampling)
         if self.missed:  # plain steps' tokens (consecutive positions) go into the draft's cache in one forward
             missed = torch.cat(self.missed)
@@ -276,6 +293,10 @@ class PromptLookupDrafter:
     def start(self, prompt: Tensor, prompt_pos: Tensor, last_hidden: Tensor):
         self.index = NgramIndex(self.max_ngram, self.min_ngram)
         self.index.extend(prompt[0].tolist())
+
+    def decoded_plainly(self, tokens: Tensor, input_pos: int):
+        """The target took `tokens` [n] without drafting: they are text to match, as each step's token is."""
+        self.index.extend(tokens.view(-1).tolist())
 
     def step(self, model: Transformer, cur_token: Tensor, input_pos: int, decode_one: Callable, drafts: int, **sampling):
         self.index.extend([int(cur_token)])
@@ -378,13 +399,30 @@ class MedusaDrafter:
 
 def drafted_decode_n_tokens(model: Transformer, drafter, cur_token: Tensor, input_pos: int, num_new_tokens: int,
                             stop_ids: Tensor, callback: Callable, new_tokens: list, accepted_counts: list,
-                            decode_one: Callable = decode_one_token, **sampling):
+                            decode_one: Callable = decode_one_token, plain_decode: Optional[Callable] = None,
+                            **sampling):
     """Append to new_tokens, one drafting step at a time, until num_new_tokens or a stop token (batch 1).
     The drafter's DraftLength says how many tokens each step may draft (0: a plain step with decode_one); a step
-    returns the tokens produced, the drafts accepted and the number it drafted (0 when it found none)."""
+    returns the tokens produced, the drafts accepted and the number it drafted (0 when it found none).
+    plain_decode(cur_token, input_pos, n, new_tokens), where given (generate's plain loop), takes the runs of
+    plain steps the DraftLength asks for (a pause, or the rest once drafting never pays): on a prompt where
+    nothing drafted is accepted, the drafted loop then costs what plain decoding does."""
     goal = len(new_tokens) + num_new_tokens
     can_stop = stop_ids.numel() > 0  # as decode_n_tokens: no check (a device sync a token) without stop ids
     while len(new_tokens) < goal:
+        run = min(drafter.length.plain_run(), goal - len(new_tokens)) if plain_decode is not None else 0
+        if run > 1:
+            before, start = len(new_tokens), time.perf_counter()
+            plain_decode(cur_token, input_pos, run, new_tokens)
+            produced = torch.cat(new_tokens[before:]).view(-1)
+            drafter.length.plain_ran(len(produced), time.perf_counter() - start)
+            drafter.decoded_plainly(torch.cat([cur_token.view(-1), produced[:-1]]), input_pos)
+            accepted_counts.extend([0] * len(produced))
+            if can_stop and torch.isin(produced[-1], stop_ids).item():
+                return
+            input_pos += len(produced)
+            cur_token = produced[-1].view(1, 1)
+            continue
         drafts = drafter.length.next()
         start = time.perf_counter()
         produced, accepted, drafted = drafter.step(model, cur_token, input_pos, decode_one, drafts, **sampling)

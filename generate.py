@@ -138,8 +138,12 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, batch_s
                 decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, tokens, background,
                                 stages, **sampling)
             else:
+                def plain_decode(cur_token, position, count, new_tokens):  # runs of plain steps, without the drafter
+                    decode_n_tokens(model, cur_token, torch.tensor([position], device=device), count, stop_ids, callback,
+                                    new_tokens, **sampling)
+
                 drafting.drafted_decode_n_tokens(model, drafter, first, length, max_new_tokens - 1, stop_ids, callback,
-                                                 tokens, accepted_counts, decode_one_token, **sampling)
+                                                 tokens, accepted_counts, decode_one_token, plain_decode, **sampling)
     except KeyboardInterrupt:  # Ctrl-C: keep what was generated; the caller reports it
         interrupted = True
     finally:  # the K/V of every token but the last one produced are written (the last was never fed back)

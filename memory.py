@@ -114,7 +114,7 @@ def place_together(root: torch.nn.Module, min_bytes: int = 0, huge_pages: bool =
         for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
             for name, tensor in table.items():
                 if (tensor is None or tensor.device.type != "cpu" or tensor.is_meta or not tensor.is_contiguous()
-                        or any(part in name for part in CACHE_BUFFERS)
+                        or any(part in name for part in CACHE_BUFFERS) or tensor.numel() == 0
                         or tensor.numel() * tensor.element_size() < min_bytes):
                     continue
                 tensors[id(tensor)] = tensor

@@ -508,3 +508,50 @@ def test_greedy_adaptive_speculative_equals_greedy(family, tiny_models, tmp_path
     assert torch.equal(drafted, plain)
     # 2 plain steps to time (the first untimed), a drafted one (untimed), a drafted one (too slow: never again)
     assert timings["accepted"].count(0) >= 20 and max(timings["accepted"]) > 0
+
+
+def test_draft_length_hands_runs_of_plain_steps_to_the_plain_loop():
+    """plain_run: the steps a pause (or drafting that never pays) leaves to plain decoding, taken in one run of
+    the plain loop; the first plain step stays on its own (it may compile, and is not timed)."""
+    length = DraftLength(maximum=4, pause=8, baseline_steps=3)
+    assert length.plain_run() == 0
+    length.update(0, 0, 1, 90.0)
+    assert length.plain_run() == 2  # the rest of the baseline
+    length.plain_ran(2, 0.02)
+    assert length.plain_left == 0 and length.step_seconds[False] == pytest.approx(0.01)
+    assert length.plain_run() == 0 and length.next() == 4
+    length.never_pays = True
+    assert length.plain_run() >= 1 << 30
+    assert DraftLength(maximum=4, adaptive=False).plain_run() == 0
+
+
+def test_a_pause_runs_in_the_plain_loop_and_the_draft_catches_up(tiny_models, monkeypatch):
+    """A pause's plain steps go to generate's plain loop in one call; the tokens it decoded reach the draft's
+    cache before drafting resumes: a draft identical to the target then has nearly everything accepted (with
+    those tokens missing from its cache it would propose from another context), and the tokens are plain
+    greedy decoding's."""
+    import generate
+
+    _, _, checkpoint = tiny_models["llama"]
+    model = load_model(checkpoint, "cpu", torch.float32)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))
+    plain = generate_tokens(model, prompt, 40)
+    update = DraftLength.update  # as timed where drafted steps pay
+    monkeypatch.setattr(DraftLength, "update", lambda self, drafted, accepted, produced, seconds:
+                        update(self, drafted, accepted, produced, 0.001 if drafted else 1.0))
+    runs = []
+    decode_n_tokens = generate.decode_n_tokens
+
+    def counted(model, cur_token, input_pos, count, *args, **kwargs):
+        runs.append(count)
+        return decode_n_tokens(model, cur_token, input_pos, count, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "decode_n_tokens", counted)
+    drafter = SpeculativeDrafter(load_model(checkpoint, "cpu", torch.float32), 4)
+    drafter.length.untimed[False], drafter.length.plain_left = False, 10  # a pause of 10 steps to begin with
+    timings = {}
+    drafted = generate_tokens(model, prompt, 40, drafter=drafter, timings=timings)
+    assert torch.equal(drafted, plain)
+    assert runs == [10] and timings["accepted"][:10] == [0] * 10
+    after = timings["accepted"][10:-1]
+    assert after and sum(after) >= 3 * len(after)
