@@ -304,12 +304,19 @@ class DecodeBlock(TransformerBlock):
         native_layout): the compiled step then passes one tensor for all of them, not ~17 a block (each one
         fetched by dynamo's bytecode and converted by the wrapper on every token: ~0.7 us a tensor, ~0.35 ms of
         a 4 ms int4 SmolLM2 token). `region`: the model's weights placed together at load
-        (memory.place_in_huge_pages), if every piece lies in it; else the block's weights are moved into a
-        region of their own. The modules keep their tensors (now in the region): the module path is unchanged."""
+        (memory.place_in_huge_pages), if every piece lies in it; else the region of an earlier call; else the
+        block's weights are moved into a region of their own. The modules keep their tensors (now in the
+        region): the module path is unchanged. A piece that cannot lie in one (not contiguous) leaves the block
+        unpacked, on the module path."""
         pieces = self.native_pieces()
-        if region is None or not all(memory.inside(t, region) for t in pieces if t is not None):
+        holds = lambda candidate: candidate is not None and all(memory.inside(t, candidate) for t in pieces if t is not None)
+        region = next((candidate for candidate in (region, self.native_region) if holds(candidate)), None)
+        if region is None:
             region, _ = memory.place_together(self)
             pieces = self.native_pieces()
+            if not holds(region):
+                self.native_region = self.native_layout = self.native_kinds = None
+                return
         base = region.data_ptr()
         layout = [[t.data_ptr() - base, PIECE_CODES[t.dtype], t.numel()] if t is not None else [-1, 0, 0]
                   for t in pieces]
@@ -319,7 +326,7 @@ class DecodeBlock(TransformerBlock):
 
     def native_forward(self, x, rope, mask, cache_pos):
         if not torch.compiler.is_compiling():  # eager (tests): packed as the modules are now
-            self.pack_native_weights(self.native_region)
+            self.pack_native_weights()
         attention, ffn, ops = self.attention, self.feed_forward, cpu_ops.ops()
         rows = x.shape[1]
         q_norm = getattr(attention, "q_norm", None)
