@@ -36,6 +36,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -354,16 +355,37 @@ class BackgroundCompile:
         self.threads = torch.get_num_threads()
         self.tried = {}  # stage -> the modification time of the saved file last tried
         self.started = self.polled = 0.0
+        self.loader, self.loaded = None, None  # start(load_in_thread=True): the thread, and what it loaded
 
-    def start(self) -> "BackgroundCompile":
+    def start(self, load_in_thread: bool = False) -> "BackgroundCompile":
+        """load_in_thread: a saved step is loaded beside the eager decode (next_step takes it when loaded)
+        instead of before it: loading takes 2-2.5 s (dynamo's deserialization, inductor's imports and its probes
+        of the CPU's vector instructions, child processes that leave the GIL free), longer than a short eager
+        answer, so a short run is never slower for having a saved step."""
         self.started = time.perf_counter()
-        for stage in reversed(self.stages):  # a warm start: the best stage saved
+        if load_in_thread and any(path.exists() for path in self.paths.values()):
+            # Started by the first next_step, after the prefill (a few large products that want every core).
+            self.loader = threading.Thread(target=self.load_saved, name="compiled step loader", daemon=True)
+            return self
+        self.load_saved()
+        self.take_loaded()
+        return self
+
+    def load_saved(self):
+        """The best stage saved by this environment, into self.loaded (what a loader thread may touch)."""
+        for stage in reversed(self.stages):
             step, note = load_step(self.paths[stage], same_environment_only=True)
             if note:
                 self.notes.append(note)
             if step is not None:
-                self.use(stage, step, "loaded")
-                break
+                self.loaded = (stage, step, time.perf_counter() - self.started)
+                return
+
+    def take_loaded(self):
+        """Use what load_saved found, then build what is still missing."""
+        if self.loaded is not None:
+            stage, step, seconds = self.loaded
+            self.current, self.ready[stage], self.loaded = (stage, step), (seconds, "loaded"), None
         if self.current[0] != self.stages[-1] and self.command:
             self.log_path = self.paths[self.stages[-1]].parent / "build.log"
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,9 +393,13 @@ class BackgroundCompile:
                 self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, preexec_fn=lowest_priority)
             atexit.register(self.stop)  # however this process ends (Ctrl-C, an error), the build ends too
-        return self
 
     def next_step(self):
+        if self.loader is not None and self.loader.ident is None:
+            self.loader.start()  # a daemon: a run that ends first does not wait for it
+        elif self.loader is not None and not self.loader.is_alive():
+            self.loader = None
+            self.take_loaded()
         if self.process is not None:
             with FileLock(self.lock_path, shared=True):  # waits while the build process times a kernel path
                 pass
@@ -382,7 +408,8 @@ class BackgroundCompile:
                 self.poll()
         # While the step is eager, the build gets a core of its own; once a compiled step runs, decoding takes
         # every core and the build, at the lowest priority, runs when we are idle (between prompts).
-        threads = 1 if self.process is not None and self.current is self.eager else self.threads
+        busy = self.process is not None or self.loader is not None  # a second job on the cores
+        threads = 1 if busy and self.current is self.eager else self.threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if (self.model.max_batch_size, self.model.max_seq_length) != self.cache_size:
@@ -452,4 +479,6 @@ class BackgroundCompile:
         best = self.stages.index(self.current[0]) if self.current[0] in self.stages else -1
         pending = list(self.stages[best + 1:])
         tail = f"; {', '.join(pending)} {'building' if self.process is not None else 'not built'}" if pending else ""
+        if self.loader is not None:
+            tail = "; the saved step still loading"
         return f"Compiled step: tokens {', '.join(runs) or 'none decoded'}{tail}"

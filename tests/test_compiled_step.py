@@ -95,6 +95,30 @@ def test_saved_step_is_loaded_by_a_later_run(built):
     assert set(timings["stages"]) == {"whole"}
 
 
+@pytest.mark.slow
+def test_a_saved_step_loads_beside_the_eager_decode(built):
+    """start(load_in_thread=True), what generate.py does: the first tokens are eager while a thread loads the
+    saved step (a short answer does not wait 2-2.5 s for it), the later ones take it; tokens are eager's."""
+    checkpoint, eager, _, _, _ = built
+    model = tiny_model(checkpoint)
+    background = compiled_step.BackgroundCompile(model, checkpoint, 1, {}, "auto", command=None)
+    background.start(load_in_thread=True)
+    assert background.current[0] == "eager" and background.loader is not None
+
+    def callback(token):  # hold the decode after its third token until the loader is done
+        produced[0] += 1
+        if produced[0] == 3:
+            background.loader.join(600)
+
+    produced, timings = [0], {}
+    tokens = generate.generate(model, PROMPT, 40, max_seq_length=CACHE_LENGTH, callback=callback, timings=timings,
+                               background=background)
+    assert torch.equal(tokens, eager)
+    assert timings["stages"][0] == "eager" and timings["stages"][-1] == "whole"
+    assert background.ready["whole"][1] == "loaded" and background.notes == []
+    assert "eager" in background.summary(timings["stages"]) and torch.get_num_threads() == background.threads
+
+
 def rewrite_header(path: Path, environment=None, **changes):
     with open(path, "rb") as file:
         magic, header, step = file.readline(), json.loads(file.readline()), file.read()
