@@ -7,6 +7,7 @@ renamed only when complete (checkpoint.atomic_output), so an interrupted write l
 This module imports nothing of the project: every layer may use it.
 """
 import argparse
+import copy
 import errno
 import sys
 
@@ -18,12 +19,40 @@ class UsageError(Exception):
     (CheckpointError, ConversionError, DistributedError, ...) is a subclass."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each option's help ends with its default: "(default: X)", "(default: off)"
+    for a switch, "(default: none)" for None, "(required)" for a required option. A help that already says its
+    default (or that it is required) is left as it is."""
+
+    def _format_action(self, action):
+        if action.option_strings and action.help is not argparse.SUPPRESS and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse shows no help line without a help: give every option one
+            action.help = with_default(action)
+        return super()._format_action(action)
+
+
+def with_default(action) -> str:
+    """action's help with its default appended (help strings are %-formatted by argparse: % is escaped as %%)."""
+    text = action.help or ""
+    if "default" in text.lower() or "(required" in text:
+        return text
+    if action.required:
+        said = "(required)"
+    elif action.nargs == 0 and isinstance(action.default, bool):  # store_true / store_false
+        said = "(default: on)" if action.default else "(default: off)"
+    elif action.default is None or action.default == "":
+        said = "(default: none)"
+    else:
+        said = "(default: %(default)s)"
+    return f"{text} {said}" if text else said
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line (argparse prints the whole usage block first), and the
-    module's docstring is shown as written."""
+    """argparse, but a bad flag is one `error:` line (argparse prints the whole usage block first), the
+    module's docstring is shown as written, and each option's help says its default (HelpFormatter)."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

@@ -499,17 +499,22 @@ def convert(checkpoint_dir=None, repo_id=None, gguf=None, dtype=None, checkpoint
 
 def run(argv=None):
     parser = ArgumentParser(description=__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint_dir", type=Path, help="local HF model folder (model.pth is written into it); with --gguf, the output folder")
-    source.add_argument("--repo_id", help="hub id ORG/NAME: downloaded into checkpoints/ORG/NAME, then converted")
-    parser.add_argument("--gguf", type=Path, help="GGUF file to convert (config and tokenizer are taken from it)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    model, output = parser.add_argument_group("model"), parser.add_argument_group("output")
+    quantization = parser.add_argument_group("quantization")
+    source = model.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint_dir", type=Path, help="local HF model folder (model.pth is written into it); "
+                        "with --gguf, the output folder (required unless --repo_id or --gguf is given)")
+    source.add_argument("--repo_id", help="hub id ORG/NAME: downloaded into checkpoints/ORG/NAME, then converted "
+                        "(required unless --checkpoint_dir or --gguf is given)")
+    model.add_argument("--gguf", type=Path, help="GGUF file to convert (config and tokenizer are taken from it) "
+                       "(required unless --checkpoint_dir or --repo_id is given)")
+    output.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="stored dtype of float tensors (auto: as in the source; GGUF: bfloat16)")
-    parser.add_argument("--keep_quantization", action="store_true",
-                        help="GGUF only: keep Q4_0/Q4_1/Q4_K layers as our int4 g32, Q8_0/Q5_0 layers as int8 "
-                             "g32 and Q6_K as int8 g16 (model_int4.g32.pth or model_int8.g32.pth), no float round "
-                             "trip; other types are dequantized, with a note")
-    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where --repo_id and --gguf outputs go")
+    quantization.add_argument("--keep_quantization", action="store_true",
+                              help="GGUF only: keep Q4_0/Q4_1/Q4_K layers as our int4 g32, Q8_0/Q5_0 layers as int8 "
+                                   "g32 and Q6_K as int8 g16 (model_int4.g32.pth or model_int8.g32.pth), no float "
+                                   "round trip; other types are dequantized, with a note")
+    output.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where --repo_id and --gguf outputs go")
     if "--gguf" in (argv if argv is not None else sys.argv[1:]):
         # --gguf stands alone as a source; --checkpoint_dir then only names the output folder.
         for action in source._group_actions:

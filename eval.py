@@ -205,23 +205,27 @@ def text_file_perplexity(model, tokenizer: Tokenizer, name: str, text_file: Path
 
 def run(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint_path", type=Path, required=True)
-    parser.add_argument("--text_file", type=Path, help="text to compute the perplexity of")
-    parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy (pip install lm-eval)")
-    parser.add_argument("--limit", type=float, help="--tasks: examples per task (below 1: a fraction of them)")
-    parser.add_argument("--num_fewshot", type=int, help="--tasks: few-shot examples in each prompt (default: the task's)")
-    parser.add_argument("--batch_size", type=int, default=1, help="--tasks: loglikelihood requests per forward")
-    parser.add_argument("--include_path", type=Path, help="--tasks: a folder of extra lm-eval task configs")
-    parser.add_argument("--max_seq_length", type=int, default=1024, help="window length (--tasks: longest context) in tokens")
-    parser.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
-    parser.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
-                        help="int8: the KV cache quantized per token and head (auto: --dtype)")
-    parser.add_argument("--memory_budget", type=budget_argument, default=None,
-                        help="hold at most this much (e.g. 2GB, the KV cache included) and stream the other layers "
-                        "from disk each forward (streaming.py)")
+    model, evaluation = parser.add_argument_group("model"), parser.add_argument_group("evaluation")
+    model.add_argument("--checkpoint_path", type=Path, required=True)
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda (default: cuda if available, else cpu)")
+    model.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    model.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                       help="int8: the KV cache quantized per token and head (auto: --dtype)")
+    model.add_argument("--memory_budget", type=budget_argument, default=None,
+                       help="hold at most this much (e.g. 2GB, the KV cache included) and stream the other layers "
+                       "from disk each forward (streaming.py)")
+    evaluation.add_argument("--text_file", type=Path, help="text to compute the perplexity of")
+    evaluation.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy "
+                            "(pip install lm-eval)")
+    evaluation.add_argument("--limit", type=float, help="--tasks: examples per task (below 1: a fraction of them; default: all)")
+    evaluation.add_argument("--num_fewshot", type=int, help="--tasks: few-shot examples in each prompt (default: the task's)")
+    evaluation.add_argument("--batch_size", type=int, default=1, help="--tasks: loglikelihood requests per forward")
+    evaluation.add_argument("--include_path", type=Path, help="--tasks: a folder of extra lm-eval task configs")
+    evaluation.add_argument("--max_seq_length", type=int, default=1024,
+                            help="window length (--tasks: longest context) in tokens")
+    evaluation.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    evaluation.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens of the text (default: all)")
     args = parser.parse_args(argv)
     stride = args.stride or args.max_seq_length // 2
     if args.max_seq_length < 2 or not 0 < stride <= args.max_seq_length:

@@ -271,49 +271,55 @@ def check_device(device: torch.device, dtype: torch.dtype):
 # ---------------------------------------------------------------- CLI
 
 
-def add_model_arguments(parser: ArgumentParser):
-    """The flags that say which model runs and how: generate.py's, and the server's (server.py)."""
-    parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"))
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    parser.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: prompt + new tokens)")
-    parser.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
-                        help="int8: keys and values stored as int8 with a scale per token and head (about half the "
-                             "KV memory of a 16-bit cache); auto: the model's --dtype, or int8 for a checkpoint "
-                             "trained with it (scripts/qat.py --kv_bits 8)")
-    parser.add_argument("--draft_checkpoint_path", type=Path, default=None,
-                        help="speculative decoding with this draft model (same tokenizer; e.g. an int4 copy of the target)")
-    parser.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step (at most, when adaptive)")
-    parser.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
-                        help="prompt lookup decoding: draft up to this many tokens copied from where the last few "
-                             "tokens occurred earlier in the prompt or the output (no draft model)")
-    parser.add_argument("--max_matching_ngram_size", type=int, default=3, help="prompt lookup: longest n-gram matched")
-    parser.add_argument("--min_matching_ngram_size", type=int, default=2,
-                        help="prompt lookup: shortest n-gram matched (1 also drafts after a single matching token)")
-    parser.add_argument("--fixed_draft_length", action="store_true",
-                        help="draft --speculate_k / --prompt_lookup_num_tokens tokens every step (default: adapt the "
-                             "length to what is accepted, and decode plainly while drafting does not pay)")
-    parser.add_argument("--medusa_checkpoint_path", type=Path, default=None,
-                        help="Medusa heads: a folder with medusa_lm_head.safetensors|.pt and config.json (FasterDecoding layout)")
-    parser.add_argument("--medusa_choices", default="chain2", help="candidate tree: a name (chain1, chain2, chain3, "
-                        "tree4, tree8, mc_sim_7b_63) or a file with a list of paths such as [[0], [1], [0, 0]]")
-    parser.add_argument("--medusa_sampling", choices=["greedy", "typical"], default="greedy",
-                        help="with --temperature > 0, typical acceptance (Medusa's) instead of greedy verification")
-    parser.add_argument("--posterior_threshold", type=float, default=0.09, help="typical acceptance: probability cap")
-    parser.add_argument("--posterior_alpha", type=float, default=0.3, help="typical acceptance: entropy factor")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument("--compile_mode", choices=list(compiled_step.STAGES), default="auto",
-                        help="CPU: the compiled steps built in the background while decoding starts eager: auto "
-                        "(regional, then whole), regional (one transformer block compiled for all layers: 30-40 s "
-                        "the first time on 2 cores, 6-26%% fewer tokens/s than whole) or whole (the step as one C++ "
-                        "graph: the fastest, 2.5-5 minutes the first time). Saved next to the checkpoint for later runs")
-    parser.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="print the kernel path each layer shape takes on this CPU (measured once, then cached)")
-    parser.add_argument("--memory_budget", type=budget_argument, default=None,
-                        help="run a model larger than memory: hold at most this much (e.g. 2GB; the KV cache "
-                        "included) and stream the other layers from disk each forward (streaming.py; CPU)")
+def add_model_arguments(parser: ArgumentParser) -> dict:
+    """The flags that say which model runs and how: generate.py's, and the server's (server.py). Returns the
+    argument groups, {title: group}, for the caller to add its own flags to."""
+    groups = {title: parser.add_argument_group(title) for title in ("model", "generation", "compile", "drafting")}
+    model, generation, compile_, drafting = groups.values()
+    model.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"),
+                       help="the model.pth (or a quantized model_int8.pth, model_int4.g32.pth, ...)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda (default: cuda if available, else cpu)")
+    model.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    model.add_argument("--max_seq_length", type=int, default=None, help="KV cache length (default: prompt + new tokens)")
+    model.add_argument("--kv_cache_dtype", choices=list(KV_CACHE_DTYPES), default="auto",
+                       help="int8: keys and values stored as int8 with a scale per token and head (about half the "
+                            "KV memory of a 16-bit cache); auto: the model's --dtype, or int8 for a checkpoint "
+                            "trained with it (scripts/qat.py --kv_bits 8)")
+    model.add_argument("--memory_budget", type=budget_argument, default=None,
+                       help="run a model larger than memory: hold at most this much (e.g. 2GB; the KV cache "
+                       "included) and stream the other layers from disk each forward (streaming.py; CPU)")
+    generation.add_argument("--seed", type=int, default=1234)
+    drafting.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                          help="speculative decoding with this draft model (same tokenizer; e.g. an int4 copy of the target)")
+    drafting.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per step (at most, when adaptive)")
+    drafting.add_argument("--prompt_lookup_num_tokens", type=int, default=None,
+                          help="prompt lookup decoding: draft up to this many tokens copied from where the last few "
+                               "tokens occurred earlier in the prompt or the output (no draft model)")
+    drafting.add_argument("--max_matching_ngram_size", type=int, default=3, help="prompt lookup: longest n-gram matched")
+    drafting.add_argument("--min_matching_ngram_size", type=int, default=2,
+                          help="prompt lookup: shortest n-gram matched (1 also drafts after a single matching token)")
+    drafting.add_argument("--fixed_draft_length", action="store_true",
+                          help="draft --speculate_k / --prompt_lookup_num_tokens tokens every step (default: adapt the "
+                               "length to what is accepted, and decode plainly while drafting does not pay)")
+    drafting.add_argument("--medusa_checkpoint_path", type=Path, default=None,
+                          help="Medusa heads: a folder with medusa_lm_head.safetensors|.pt and config.json (FasterDecoding layout)")
+    drafting.add_argument("--medusa_choices", default="chain2", help="candidate tree: a name (chain1, chain2, chain3, "
+                          "tree4, tree8, mc_sim_7b_63) or a file with a list of paths such as [[0], [1], [0, 0]]")
+    drafting.add_argument("--medusa_sampling", choices=["greedy", "typical"], default="greedy",
+                          help="with --temperature > 0, typical acceptance (Medusa's) instead of greedy verification")
+    drafting.add_argument("--posterior_threshold", type=float, default=0.09, help="typical acceptance: probability cap")
+    drafting.add_argument("--posterior_alpha", type=float, default=0.3, help="typical acceptance: entropy factor")
+    compile_.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    compile_.add_argument("--compile_mode", choices=list(compiled_step.STAGES), default="auto",
+                          help="CPU: the compiled steps built in the background while decoding starts eager: auto "
+                          "(regional, then whole), regional (one transformer block compiled for all layers: 30-40 s "
+                          "the first time on 2 cores, 6-26%% fewer tokens/s than whole) or whole (the step as one C++ "
+                          "graph: the fastest, 2.5-5 minutes the first time). Saved next to the checkpoint for later runs")
+    compile_.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
+    compile_.add_argument("--verbose", action="store_true",
+                          help="print the kernel path each layer shape takes on this CPU (measured once, then cached)")
+    return groups
 
 
 def budget_argument(text: str) -> int:
@@ -349,27 +355,30 @@ def model_argument_checks(args) -> list:
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    add_model_arguments(parser)
-    parser.add_argument("--prompt", default="Hello, my name is", help="the prompt (the user message with --chat)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--interactive", action="store_true",
-                        help="read prompts from stdin, one per line, until EOF or /exit; with --chat they are the turns "
-                        "of one conversation, its history kept (/reset starts a new one)")
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--compile_only", action="store_true",
-                        help="build the compiled CPU decode step for these settings (--compile_mode, --dtype, "
-                        "--batch_size, KV cache length, sampling), save it next to the checkpoint and exit")
-    parser.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
-    parser.add_argument("--report_memory", action="store_true", help="print parameters, model, KV cache and peak memory")
-    parser.add_argument("--profile", type=Path, default=None, help="write a chrome trace of the last sample here")
-    parser.add_argument("--pipeline_stages", default=None,
-                        help="under torchrun: layers per stage, e.g. 10,10,12 (default: tensor parallel)")
+    groups = add_model_arguments(parser)
+    generation, compile_ = groups["generation"], groups["compile"]
+    diagnostics, torchrun = parser.add_argument_group("diagnostics"), parser.add_argument_group("torchrun")
+    generation.add_argument("--prompt", default="Hello, my name is", help="the prompt (the user message with --chat)")
+    generation.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generation.add_argument("--system", help="system message for --chat")
+    generation.add_argument("--interactive", action="store_true",
+                            help="read prompts from stdin, one per line, until EOF or /exit; with --chat they are the "
+                            "turns of one conversation, its history kept (/reset starts a new one)")
+    generation.add_argument("--num_samples", type=int, default=1)
+    generation.add_argument("--max_new_tokens", type=int, default=200)
+    generation.add_argument("--batch_size", type=int, default=1)
+    generation.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    generation.add_argument("--top_k", type=int, default=None)
+    generation.add_argument("--top_p", type=float, default=1.0)
+    generation.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
+    compile_.add_argument("--compile_only", action="store_true",
+                          help="build the compiled CPU decode step for these settings (--compile_mode, --dtype, "
+                          "--batch_size, KV cache length, sampling), save it next to the checkpoint and exit")
+    diagnostics.add_argument("--report_memory", action="store_true",
+                             help="print parameters, model, KV cache and peak memory")
+    diagnostics.add_argument("--profile", type=Path, default=None, help="write a chrome trace of the last sample here")
+    torchrun.add_argument("--pipeline_stages", default=None,
+                          help="under torchrun: layers per stage, e.g. 10,10,12 (default: tensor parallel)")
     args = parser.parse_args(argv)
     args.compile = args.compile or args.compile_only
     if args.pipeline_stages is not None:

@@ -822,20 +822,22 @@ def quantize_checkpoint(path: Path, mode: str, groupsize: int, calibration_file=
 
 def run(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint_path", type=Path, required=True)
-    parser.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], required=True)
-    parser.add_argument("--groupsize", type=groupsize_arg, metavar="{32,64,128,256,channel}",
-                        help="int4: inputs per group (default 32), or `channel`: one group per output channel "
-                             "(model_int4.pth); int8: one scale per group of this many inputs instead of one per "
-                             "output channel (the default)")
-    parser.add_argument("--output_projection", choices=OUTPUT_KINDS, default="int8",
-                        help="int4 modes: the output projection's kind (int4 as llama.cpp's Q4_0; default int8: "
-                             "better quality, more bytes per token)")
-    parser.add_argument("--calibration_file", type=Path, help="int4-gptq: text to calibrate on (default: text the model writes)")
-    parser.add_argument("--calibration_samples", type=int, default=16, help="int4-gptq: number of sequences")
-    parser.add_argument("--calibration_length", type=int, default=256, help="int4-gptq: tokens per sequence")
-    parser.add_argument("--blocksize", type=int, default=128, help="int4-gptq: columns updated together")
-    parser.add_argument("--damping", type=float, default=0.01, help="int4-gptq: fraction of mean diag(H) added to H")
+    model, quantization = parser.add_argument_group("model"), parser.add_argument_group("quantization")
+    model.add_argument("--checkpoint_path", type=Path, required=True, help="the model.pth to quantize")
+    quantization.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], required=True)
+    quantization.add_argument("--groupsize", type=groupsize_arg, metavar="{32,64,128,256,channel}",
+                              help="int4: inputs per group (default 32), or `channel`: one group per output channel "
+                                   "(model_int4.pth); int8: one scale per group of this many inputs instead of one "
+                                   "per output channel (the default)")
+    quantization.add_argument("--output_projection", choices=OUTPUT_KINDS, default="int8",
+                              help="int4 modes: the output projection's kind (int4 as llama.cpp's Q4_0; default int8: "
+                                   "better quality, more bytes per token)")
+    quantization.add_argument("--calibration_file", type=Path,
+                              help="int4-gptq: text to calibrate on (default: text the model writes)")
+    quantization.add_argument("--calibration_samples", type=int, default=16, help="int4-gptq: number of sequences")
+    quantization.add_argument("--calibration_length", type=int, default=256, help="int4-gptq: tokens per sequence")
+    quantization.add_argument("--blocksize", type=int, default=128, help="int4-gptq: columns updated together")
+    quantization.add_argument("--damping", type=float, default=0.01, help="int4-gptq: fraction of mean diag(H) added to H")
     args = parser.parse_args(argv)
     if args.calibration_samples < 1 or args.calibration_length < 2 or args.blocksize < 1 or not 0 <= args.damping < 1:
         parser.error("need --calibration_samples >= 1, --calibration_length >= 2, --blocksize >= 1, 0 <= --damping < 1")

@@ -526,9 +526,10 @@ def create_app(engine: Engine):
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
     generate.add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model_name", default=None,
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--model_name", default=None,
                         help="the model's id in requests and /v1/models (default: the checkpoint's folder name)")
     args = parser.parse_args(argv)
     checks = generate.model_argument_checks(args) + [

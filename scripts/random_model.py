@@ -15,7 +15,6 @@ import importlib.util
 import shutil
 import sys
 import time
-from argparse import ArgumentParser
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
-from cli import UsageError  # noqa: E402
+from cli import ArgumentParser, UsageError  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SMOLLM2 = Path("checkpoints/SmolLM2-135M-Instruct")
@@ -200,19 +199,22 @@ def write_hf_folder(folder: Path, args: ModelArgs, shapes: dict, seed: int, toke
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", choices=list(SHAPES), default="llama-3-8b")
-    parser.add_argument("--layers", type=int, help="another number of layers than the shape's (a larger or smaller model)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    parser.add_argument("--output", type=Path, help="folder (default: checkpoints/random-SHAPE-DTYPE)")
-    parser.add_argument("--gguf", action="store_true", help="also write model.f16.gguf with the same weights")
-    parser.add_argument("--gguf_float32", action="store_true", help="the GGUF in F32 (model.f32.gguf), as many bytes as a float32 checkpoint")
-    parser.add_argument("--hf", action="store_true",
+    model, output = parser.add_argument_group("model"), parser.add_argument_group("output")
+    model.add_argument("--shape", choices=list(SHAPES), default="llama-3-8b")
+    model.add_argument("--layers", type=int, help="another number of layers than the shape's (a larger or smaller "
+                       "model; default: the shape's)")
+    model.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    model.add_argument("--tokenizer_from", type=Path, default=SMOLLM2,
+                       help="folder whose tokenizer files are copied (a 49152-token vocabulary: SmolLM2's)")
+    model.add_argument("--seed", type=int, default=0)
+    output.add_argument("--output", type=Path, help="folder (default: checkpoints/random-SHAPE-DTYPE)")
+    output.add_argument("--gguf", action="store_true", help="also write model.f16.gguf with the same weights")
+    output.add_argument("--gguf_float32", action="store_true",
+                        help="the GGUF in F32 (model.f32.gguf), as many bytes as a float32 checkpoint")
+    output.add_argument("--hf", action="store_true",
                         help="also write the same weights as a HF folder (hf/ in the output folder; alone on an "
                         "existing model: only the folder)")
-    parser.add_argument("--tokenizer_from", type=Path, default=SMOLLM2,
-                        help="folder whose tokenizer files are copied (a 49152-token vocabulary: SmolLM2's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
+    output.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be at least 1")

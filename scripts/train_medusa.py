@@ -90,21 +90,24 @@ def accuracies(heads, features, targets, batch=1024):
 
 def run(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"))
-    parser.add_argument("--output_dir", type=Path, default=None, help="default: medusa/ beside the checkpoint")
-    parser.add_argument("--prompt_file", type=Path, default=None, help="one prompt per line (default: built-in prompts)")
-    parser.add_argument("--num_heads", type=int, default=4)
-    parser.add_argument("--num_layers", type=int, default=1)
-    parser.add_argument("--samples_per_prompt", type=int, default=4)
-    parser.add_argument("--answer_length", type=int, default=128)
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                        help="precision the model writes answers and hidden states in (the heads train in float32)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the answers")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=256, help="positions per optimiser step")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train_projection", action="store_true", help="train each head's vocab projection too")
-    parser.add_argument("--seed", type=int, default=0)
+    groups = {title: parser.add_argument_group(title) for title in ("model", "generation", "training", "output")}
+    model, generation, training, output = groups.values()
+    model.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct/model.pth"),
+                       help="the model the heads draft for")
+    model.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                       help="precision the model writes answers and hidden states in (the heads train in float32)")
+    generation.add_argument("--prompt_file", type=Path, default=None, help="one prompt per line (default: built-in prompts)")
+    generation.add_argument("--samples_per_prompt", type=int, default=4)
+    generation.add_argument("--answer_length", type=int, default=128)
+    generation.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the answers")
+    training.add_argument("--num_heads", type=int, default=4)
+    training.add_argument("--num_layers", type=int, default=1)
+    training.add_argument("--epochs", type=int, default=2)
+    training.add_argument("--batch_size", type=int, default=256, help="positions per optimiser step")
+    training.add_argument("--lr", type=float, default=1e-3)
+    training.add_argument("--train_projection", action="store_true", help="train each head's vocab projection too")
+    training.add_argument("--seed", type=int, default=0)
+    output.add_argument("--output_dir", type=Path, default=None, help="default: medusa/ beside the checkpoint")
     args = parser.parse_args(argv)
     if args.prompt_file is not None and not args.prompt_file.is_file():
         raise UsageError(f"prompt file {args.prompt_file} not found")
