@@ -96,10 +96,11 @@ def test_saved_step_is_loaded_by_a_later_run(built):
 
 
 @pytest.mark.slow
-def test_a_saved_step_loads_beside_the_eager_decode(built):
+def test_a_saved_step_loads_beside_the_eager_decode(built, monkeypatch):
     """start(load_in_thread=True), what generate.py does: the first tokens are eager while a thread loads the
     saved step (a short answer does not wait 2-2.5 s for it), the later ones take it; tokens are eager's."""
     checkpoint, eager, _, _, _ = built
+    monkeypatch.setattr(compiled_step, "LOAD_AFTER_S", 0.0)
     model = tiny_model(checkpoint)
     background = compiled_step.BackgroundCompile(model, checkpoint, 1, {}, "auto", command=None)
     background.start(load_in_thread=True)
@@ -117,6 +118,23 @@ def test_a_saved_step_loads_beside_the_eager_decode(built):
     assert timings["stages"][0] == "eager" and timings["stages"][-1] == "whole"
     assert background.ready["whole"][1] == "loaded" and background.notes == []
     assert "eager" in background.summary(timings["stages"]) and torch.get_num_threads() == background.threads
+
+
+@pytest.mark.slow
+def test_a_short_answer_never_starts_loading_the_saved_step(built, monkeypatch):
+    """An answer that ends within LOAD_AFTER_S of eager decoding runs as a first run does: no loader thread
+    (whose GIL would slow its eager steps), every token eager and eager's."""
+    checkpoint, eager, _, _, _ = built
+    monkeypatch.setattr(compiled_step, "LOAD_AFTER_S", 600.0)
+    model = tiny_model(checkpoint)
+    background = compiled_step.BackgroundCompile(model, checkpoint, 1, {}, "auto", command=None)
+    background.start(load_in_thread=True)
+    timings = {}
+    tokens = generate.generate(model, PROMPT, 6, max_seq_length=CACHE_LENGTH, timings=timings, background=background)
+    background.stop()  # as generate.py does: the decode's thread count back (the global state steps are guarded by)
+    assert torch.equal(tokens, eager[..., :PROMPT.numel() + 6])
+    assert set(timings["stages"]) == {"eager"} and background.loader.ident is None
+    assert "not needed" in background.summary(timings["stages"])
 
 
 def rewrite_header(path: Path, environment=None, **changes):
