@@ -584,6 +584,134 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& tiles, const at::T
   });
 }
 
+// ---------------------------------------------------------------- tiles back to plain weights
+// A prompt's product (many rows) reads a quantized layer's weights once per call whatever its row count, so
+// its weights may be widened first and handed to the float matrix product (oneDNN: AMX or AVX512_BF16 where
+// the CPU has them): channels [n_begin, n_end) of the tiles as plain [n, K] rows of `dtype`, the float model's
+// weights (int8: q * s; int4: q * d + m), so that the layer keeps one layout, the tiles, for decode and prompts.
+
+// Rounds 16 (or 8) float32 to the output type and stores them.
+template <typename Out> inline void store_row(Out* out, const float* values, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<Out>(values[i]);
+}
+#if defined(__AVX512F__)
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(c10::Half* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store16(c10::BFloat16* out, __m512 v) {  // round to nearest even (weights are finite)
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+#endif
+
+template <typename Out>
+void int4_rows_of_tile(const uint8_t* w, const c10::Half* d, const c10::Half* m, int64_t K, int shift,
+                       int64_t tile, int64_t c0, int64_t c1, Out* out) {
+  const int64_t blocks = K / BLOCK, groups = (shift == 62) ? 1 : blocks >> shift;
+  for (int64_t c = c0; c < c1; ++c) {
+    Out* row = out + (c - c0) * K;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* src = w + (tile * blocks + b) * (TILE * BLOCK / 2) + c * 4;
+      const int64_t at = (tile * groups + (b >> shift)) * TILE + c;
+      const float dd = static_cast<float>(d[at]), mm = static_cast<float>(m[at]);
+#if defined(__AVX512F__)
+      int32_t words[4];
+      for (int j = 0; j < 4; ++j) std::memcpy(&words[j], src + j * TILE * 4, 4);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(words));  // inputs 0-15 | 16-31 << 4
+      const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0f));
+      const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0f));
+      const __m512 vd = _mm512_set1_ps(dd), vm = _mm512_set1_ps(mm);
+      store16(row + b * BLOCK, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(low)), vd, vm));
+      store16(row + b * BLOCK + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high)), vd, vm));
+#else
+      float values[BLOCK];
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 4; ++k) {
+          const uint8_t byte = src[j * TILE * 4 + k];
+          values[4 * j + k] = static_cast<float>(byte & 15) * dd + mm;
+          values[16 + 4 * j + k] = static_cast<float>(byte >> 4) * dd + mm;
+        }
+      store_row(row + b * BLOCK, values, BLOCK);
+#endif
+    }
+  }
+}
+
+template <typename Out>
+void int8_rows_of_tile(const int8_t* w, const float* scales, int64_t K, int shift, int64_t tile, int64_t c0,
+                       int64_t c1, Out* out) {
+  const int64_t blocks = K / BLOCK, groups = (shift == 62) ? 1 : blocks >> shift;
+  for (int64_t c = c0; c < c1; ++c) {
+    Out* row = out + (c - c0) * K;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int8_t* src = w + (tile * blocks + b) * (TILE * BLOCK) + c * 4;
+      const float scale = scales[(tile * groups + (b >> shift)) * TILE + c];
+#if defined(__AVX512F__)
+      int32_t words[8];
+      for (int j = 0; j < 8; ++j) std::memcpy(&words[j], src + j * TILE * 4, 4);
+      const __m512 vs = _mm512_set1_ps(scale);
+      for (int half = 0; half < 2; ++half) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(words + 4 * half));
+        store16(row + b * BLOCK + 16 * half, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), vs));
+      }
+#else
+      float values[BLOCK];
+      for (int j = 0; j < 8; ++j)
+        for (int k = 0; k < 4; ++k) values[4 * j + k] = static_cast<float>(src[j * TILE * 4 + k]) * scale;
+      store_row(row + b * BLOCK, values, BLOCK);
+#endif
+    }
+  }
+}
+
+// Channels [n_begin, n_end) of the tiles as [n_end - n_begin, K] of `dtype`, each thread a range of tiles.
+template <typename RowsOfTile>
+at::Tensor rows_from_tiles(int64_t K, int64_t N, int64_t n_begin, int64_t n_end, at::ScalarType dtype,
+                           const RowsOfTile& rows_of_tile) {
+  TORCH_CHECK(0 <= n_begin && n_begin < n_end && n_end <= N && n_begin % TILE == 0,
+              "need 0 <= n_begin < n_end <= out_features, n_begin a multiple of 16");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be float32, bfloat16 or float16");
+  at::Tensor out = at::empty({n_end - n_begin, K}, at::TensorOptions().dtype(dtype));
+  const int64_t first = n_begin / TILE, last = (n_end + TILE - 1) / TILE;
+  at::parallel_for(first, last, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c1 = std::min<int64_t>(TILE, n_end - t * TILE);
+      const int64_t offset = (t * TILE - n_begin) * K;
+      switch (dtype) {
+        case at::kFloat: rows_of_tile(t, c1, out.data_ptr<float>() + offset); break;
+        case at::kBFloat16: rows_of_tile(t, c1, out.data_ptr<c10::BFloat16>() + offset); break;
+        default: rows_of_tile(t, c1, out.data_ptr<c10::Half>() + offset); break;
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor int4_weight_rows(const at::Tensor& tiles, const at::Tensor& d, const at::Tensor& m, int64_t groupsize,
+                            int64_t K, int64_t N, int64_t n_begin, int64_t n_end, at::ScalarType dtype) {
+  check_int4_layer(tiles, d, m, K, groupsize, N);
+  const int shift = group_shift(K, groupsize);
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  const c10::Half *dp = d.data_ptr<c10::Half>(), *mp = m.data_ptr<c10::Half>();
+  return rows_from_tiles(K, N, n_begin, n_end, dtype, [&](int64_t t, int64_t c1, auto* out) {
+    int4_rows_of_tile(w, dp, mp, K, shift, t, 0, c1, out);
+  });
+}
+
+at::Tensor int8_weight_rows(const at::Tensor& tiles, const at::Tensor& scales, int64_t groupsize, int64_t K,
+                            int64_t N, int64_t n_begin, int64_t n_end, at::ScalarType dtype) {
+  check_int8_layer(tiles, scales, K, groupsize, N);
+  const int shift = group_shift(K, groupsize);
+  const int8_t* w = tiles.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return rows_from_tiles(K, N, n_begin, n_end, dtype, [&](int64_t t, int64_t c1, auto* out) {
+    int8_rows_of_tile(w, sp, K, shift, t, 0, c1, out);
+  });
+}
+
 // silu(x W1^T) * (x W3^T) for two int8 layers of one shape (a gated feed-forward's gate and up projections).
 at::Tensor int8_gated_linear(const at::Tensor& x, const at::Tensor& gate_tiles, const at::Tensor& gate_scales,
                              const at::Tensor& up_tiles, const at::Tensor& up_scales, int64_t groupsize, int64_t N) {
@@ -1505,6 +1633,8 @@ TORCH_LIBRARY(gptfast_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor tiles, Tensor scales, int groupsize, int out_features) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor tiles, Tensor d, Tensor m, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("int8_weight_rows(Tensor tiles, Tensor scales, int groupsize, int K, int N, int n_begin, int n_end, ScalarType dtype) -> Tensor");
+  m.def("int4_weight_rows(Tensor tiles, Tensor d, Tensor m, int groupsize, int K, int N, int n_begin, int n_end, ScalarType dtype) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor? k_scales=None, Tensor? v_scales=None) -> Tensor");
   m.def("float_gated_linear(Tensor x, Tensor gate_weight, Tensor up_weight) -> Tensor");
   m.def("int8_gated_linear(Tensor x, Tensor gate_tiles, Tensor gate_scales, Tensor up_tiles, Tensor up_scales, "
@@ -1520,6 +1650,8 @@ TORCH_LIBRARY_IMPL(gptfast_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
   m.impl("float_linear", &float_linear);
+  m.impl("int8_weight_rows", &int8_weight_rows);
+  m.impl("int4_weight_rows", &int4_weight_rows);
   m.impl("attention", &attention);
   m.impl("float_gated_linear", &float_gated_linear);
   m.impl("int8_gated_linear", &int8_gated_linear);

@@ -71,6 +71,10 @@ if hasattr(torch.library, "register_fake"):
             lambda x, tiles, scales, groupsize, out_features: x.new_empty(x.shape[0], out_features))
         torch.library.register_fake("gptfast_cpu::int4_linear")(
             lambda x, tiles, d, m, groupsize, out_features: x.new_empty(x.shape[0], out_features))
+        torch.library.register_fake("gptfast_cpu::int8_weight_rows")(
+            lambda tiles, scales, groupsize, K, N, n_begin, n_end, dtype: tiles.new_empty(n_end - n_begin, K, dtype=dtype))
+        torch.library.register_fake("gptfast_cpu::int4_weight_rows")(
+            lambda tiles, d, m, groupsize, K, N, n_begin, n_end, dtype: tiles.new_empty(n_end - n_begin, K, dtype=dtype))
         torch.library.register_fake("gptfast_cpu::float_linear")(
             lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]))
         torch.library.register_fake("gptfast_cpu::int8_gated_linear")(
@@ -303,7 +307,9 @@ class KernelChoices:
         """The name of the fastest candidate, measured unless cached: `timers` maps each candidate's name to a
         zero-argument function that returns its time in microseconds (time_call, time_compiled)."""
         cached = self.choices.get(key)
-        if isinstance(cached, dict) and cached.get("path") in timers:
+        measured = cached.get("us") if isinstance(cached, dict) else None
+        # A choice measured before a candidate existed (a new path) is measured again with it.
+        if isinstance(cached, dict) and cached.get("path") in timers and (not measured or set(timers) <= set(measured)):
             return cached["path"]
         times = {}
         for name, timer in timers.items():

@@ -44,7 +44,7 @@ KV_CACHE_DTYPES = {"auto": None, "int8": torch.int8}  # auto: the model's dtype
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling):
     """The first new token, and the last position's final hidden state (what Medusa heads read)."""
-    logits, hidden = model(x, input_pos, return_hidden=True)
+    logits, hidden = model(x, input_pos, return_hidden=True, last_only=True)
     return sample(logits, **sampling)[0], hidden[:, -1]
 
 

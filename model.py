@@ -274,14 +274,16 @@ class Transformer(nn.Module):
             self.register_buffer("window_mask", window, persistent=False)
 
     def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None,
-                cache_pos: Optional[Tensor] = None, return_hidden: bool = False):
+                cache_pos: Optional[Tensor] = None, return_hidden: bool = False, last_only: bool = False):
         """Logits for tokens `idx` [batch, seq] at positions `input_pos` [seq], their K/V written to the
         cache slots `cache_pos` (default: the same as the positions).
 
         With no mask, each token attends causally to the cache (the rows of the causal mask at
         input_pos). Drafting passes its own [.., seq, max_seq_length] mask instead: Medusa's tree
         nodes sit at depth-based positions but in slots of their own, so slots and positions differ.
-        With return_hidden, also the final normed hidden state (what Medusa heads read).
+        With return_hidden, also the final normed hidden state (what Medusa heads read). With last_only, the
+        logits (and hidden state) of the last position only: a prompt's prefill samples from nothing else, and
+        the output product of every position is a fifteenth of a 1.7B model's prefill.
         """
         dtype = self.tok_embeddings.weight.dtype
         rope = (self.rope_cos[input_pos].to(dtype), self.rope_sin[input_pos].to(dtype))
@@ -293,7 +295,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, rope, sliding_mask if layer.attention.sliding else full_mask, cache_pos)
-        hidden = self.norm(x)
+        hidden = self.norm(x[:, -1:] if last_only else x)
         logits = self.output(hidden)
         return (logits, hidden) if return_hidden else logits
 

@@ -37,6 +37,11 @@ SHAPES = {  # the HF configs' shapes (vocabulary aside)
     "llama-3-70b": dict(dim=8192, n_layer=80, n_head=64, n_local_heads=8, intermediate_size=28672, rope_base=500000.0),
     "llama-3.2-1b": dict(dim=2048, n_layer=16, n_head=32, n_local_heads=8, intermediate_size=8192, rope_base=500000.0,
                          tie_word_embeddings=True),
+    # 1-2B shapes: without GQA (SmolLM2-1.7B), and with it, biased and tied (Qwen2.5-1.5B); Llama-3.2-1B above: GQA, tied
+    "smollm2-1.7b": dict(dim=2048, n_layer=24, n_head=32, n_local_heads=32, intermediate_size=8192,
+                         rope_base=130000.0, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(dim=1536, n_layer=28, n_head=12, n_local_heads=2, intermediate_size=8960,
+                         rope_base=1000000.0, attention_bias=True, tie_word_embeddings=True),
     "smollm2-135m": dict(dim=576, n_layer=30, n_head=9, n_local_heads=3, intermediate_size=1536, rope_base=100000.0,
                          tie_word_embeddings=True),
 }

@@ -113,6 +113,60 @@ def test_native_kernels_pad_the_last_tile(layer, tmp_path):
     assert ours.shape == (3, 40) and torch.equal(ours, module.run_path("native", x)[:, :40])
 
 
+def layer_as_tiles(module, dtype):
+    """(weight_rows(n0, n1), the weights the tiles hold in float32) of a quantized layer: int4's d and m are
+    float16 in the tiles (cpu_ops.int4_tiles)."""
+    K, N = module.in_features, module.out_features
+    if isinstance(module, Int8Linear):
+        tiles, scales = cpu_ops.int8_tiles(module.weight, module.scales)
+        return (lambda n0, n1: cpu_ops.ops().int8_weight_rows(tiles, scales, module.groupsize or K, K, N, n0, n1, dtype),
+                dequantize_int8(module.weight, module.scales))
+    q = quantize.unpack_int4(module.weight)
+    tiles, d, m = cpu_ops.int4_tiles(q, module.scales, module.zeros)
+    held = (q.float() * module.scales.half().float().repeat_interleave(module.groupsize, 1)
+            + (module.zeros - 8 * module.scales).half().float().repeat_interleave(module.groupsize, 1))
+    return (lambda n0, n1: cpu_ops.ops().int4_weight_rows(tiles, d, m, module.groupsize, K, N, n0, n1, dtype), held)
+
+
+@native
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_rows_widen_the_tiles_to_the_layers_weights(layer, dtype):
+    """What a prompt's "tiles" path multiplies by: channel ranges of the native tiles (the last tile padded)
+    widened to the weights they hold, rounded once to the activations' dtype."""
+    torch.manual_seed(0)
+    module = LAYERS[layer](torch.nn.Linear(256, 88, bias=False))  # 88 channels: five whole tiles and half of one
+    weight_rows, held = layer_as_tiles(module, dtype)
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    for n0, n1 in ((0, 88), (16, 88), (32, 48), (80, 88), (0, 1)):
+        rows = weight_rows(n0, n1)
+        assert rows.dtype == dtype and rows.shape == (n1 - n0, 256)
+        torch.testing.assert_close(rows.float(), held[n0:n1], rtol=tolerance, atol=1e-7)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        weight_rows(8, 24)
+
+
+@native
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_prompt_through_the_tiles_keeps_one_layout(layer, tmp_path, monkeypatch):
+    """Decoded rows natively and prompts through the tiles widened chunk by chunk: the layer then holds the tiles
+    alone (no ATen layout, no plain weights), and a prompt's product is the float product on the tiles' weights."""
+    torch.manual_seed(0)
+    module = LAYERS[layer](torch.nn.Linear(256, 96, bias=False))
+    weight_rows, held = layer_as_tiles(module, torch.float32)
+    choices = cpu_ops.KernelChoices(tmp_path / "forced.json")
+    key = quantize.path_key(module, torch.float32)
+    choices.choices.update({f"{key} rows {rows}": {"path": "native" if rows <= 8 else "tiles", "us": {}}
+                            for rows in quantize.ROW_BUCKETS})
+    module.prepare_for_device(torch.float32, choices)
+    assert set(module._buffers) - {"kernel_scales", "scales", "zeros"} == \
+        ({"tiles", "tile_scales"} if isinstance(module, Int8Linear) else {"tiles", "tile_d", "tile_m"})
+    monkeypatch.setattr(quantize, "TILES_CHUNK_BYTES", 1)  # chunks of one tile: the chunked loop and the last part
+    x = torch.randn(21, 256)
+    torch.testing.assert_close(module(x), x @ held.T, rtol=1e-5, atol=1e-5)
+    assert relative_error(module(x[:3]), x[:3] @ held.T) < 0.02  # decoded rows: the native kernel
+
+
 @native
 @pytest.mark.parametrize("layer", ["int8 per channel", "int4 g32"])
 def test_bytes_read_per_token_count_the_decode_layout_only(layer, tmp_path):
@@ -467,7 +521,7 @@ def test_the_branches_for_older_cpus(flags):
     env = {**os.environ, "GPT_FAST_NATIVE_FLAGS": flags}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                              "-k", "llama_cpp_arithmetic or pad_the_last_tile or native_attention or gated_feed_forward "
-                                   "or gate_and_up or two_native_calls"],
+                                   "or gate_and_up or two_native_calls or weight_rows"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 

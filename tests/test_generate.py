@@ -90,10 +90,12 @@ def test_prompt_longer_than_cache(smollm2_checkpoint, capsys):
 
 @pytest.mark.slow
 def test_chat_answers_paris_eager_and_compiled_identically(smollm2_checkpoint):
-    """The real model answers the capital question; the compiled decode gives exactly the eager tokens."""
+    """The real model answers the capital question; the compiled decode gives exactly the eager tokens. The
+    answer runs on past EOS: a saved step is loaded beside the eager decode once that has run
+    compiled_step.LOAD_AFTER_S (a shorter answer never needs it), then takes over."""
     prompt = "What is the capital of France? Answer, then name three famous monuments there."
     common = ["--checkpoint_path", smollm2_checkpoint, "--chat", "--prompt", prompt, "--dtype", "float32",
-              "--max_new_tokens", "48"]
+              "--max_new_tokens", "120", "--ignore_eos"]
     eager = run_cli(*common)
     built = run_cli(*common, "--compile_only", "--compile_mode", "whole")  # saved next to the checkpoint
     compiled = run_cli(*common, "--compile", "--compile_mode", "whole")  # loaded: every token compiled
@@ -102,7 +104,7 @@ def test_chat_answers_paris_eager_and_compiled_identically(smollm2_checkpoint):
     assert compiled.returncode == 0, compiled.stderr
     assert "Paris" in eager.stdout
     assert compiled.stdout == eager.stdout
-    assert re.search(r"Compiled step: tokens 2-\d+ whole \(loaded [\d.]+ s after start\)\n", compiled.stderr)
+    assert re.search(r"Compiled step: tokens 2-\d+ eager, \d+-120 whole \(loaded [\d.]+ s after start\)\n", compiled.stderr)
     assert "tok/s" in compiled.stderr and "GB/s" in compiled.stderr and "peak memory" in compiled.stderr
 
 
