@@ -148,6 +148,9 @@ class PipelineTransformer(Transformer):
     def forward(self, idx: Tensor, input_pos: Tensor, mask: Optional[Tensor] = None, *args, **kwargs):
         if torch.compiler.is_compiling():
             return super().forward(idx, input_pos, mask, *args, **kwargs)
+        # Every rank computes the full logits: a stage's sub-sequence outputs are put together along the sequence
+        # and the last stage's logits buffer is sized on each rank from its own input.
+        kwargs.pop("last_only", None)
         chunks = min(self.prefill_chunks or len(self.pipe_stages), idx.shape[1])
         # Flags pass to every sub-sequence; a mask or other per-token tensors would need splitting too: not split.
         per_token = mask is not None or args or any(isinstance(v, Tensor) for v in kwargs.values())

@@ -205,6 +205,7 @@ class Int8Linear(nn.Module):
             for name, tensor in zip(("tiles", "tile_scales"), cpu_ops.int8_tiles(self.plain_weight(), self.scales)):
                 self.register_buffer(name, tensor, persistent=False)
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
+        prefer_one_layout(self, dtype, choices)
         self.free_unchosen_tiles()
 
     def decode_tensors(self) -> list:
@@ -316,6 +317,15 @@ class Int4Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().float())
         return module
 
+    def _apply(self, fn, recurse=True):
+        """Module.to(dtype) would round the scales and zeros to bfloat16 before they are packed (zero = m + 8d of
+        a Q4_1 block loses its low bits: SmolLM2's logits moved 4% off the float model's); keep them float32."""
+        kept = {name: self._buffers[name] for name in ("scales", "zeros") if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
     def prepare_for_device(self, dtype, choices=None):
         """Pack the on-disk nibbles for this device's kernels; with `choices` (cpu_ops.KernelChoices), time the
         CPU paths and keep only the layouts of the ones chosen (one copy of the weights in memory, two at most)."""
@@ -350,6 +360,7 @@ class Int4Linear(nn.Module):
             for name, tensor in zip(("tiles", "tile_d", "tile_m"), cpu_ops.int4_tiles(q, scales, zeros)):
                 self.register_buffer(name, tensor, persistent=False)
         self.paths = choose_paths(self, dtype, choices) if choices is not None else {}
+        prefer_one_layout(self, dtype, choices)
         chosen = set(self.paths.values()) or {"aten"}
         if not {"native", "tiles"} & chosen and hasattr(self, "tiles"):
             del self.tiles, self.tile_d, self.tile_m
@@ -528,6 +539,27 @@ def choose_paths(module, dtype, choices) -> dict:
                   for name in module.path_names(rows)}
         paths[rows] = choices.choose(f"{key} rows {rows}", timers)
     return paths
+
+
+LAYOUT_MARGIN = 1.15  # a path that needs a second copy of a layer's weights must be this much faster to keep it
+
+
+def prefer_one_layout(module, dtype, choices):
+    """Where the native tiles are kept for some rows (decoded tokens natively, prompts widened from them), the
+    rows that chose another layout's path (ATen's int4 packing, int8's plain [N, K] weights) take the tiles'
+    path instead unless that path was measured more than LAYOUT_MARGIN slower: a second layout costs the
+    layer's weights again in memory (1.7B int4: 755 MB of ATen packing beside 805 MB of tiles) for a few
+    percent that two timings a second apart on a shared VM do not separate."""
+    if choices is None or not module.paths or not {"native", "tiles"} & set(module.paths.values()):
+        return
+    key = path_key(module, dtype)
+    for rows, path in module.paths.items():
+        own = "native" if rows_bucket(rows) <= ROW_BUCKETS[-2] else "tiles"
+        if path in ("native", "tiles") or own not in module.path_names(rows):
+            continue
+        chosen, tiles = choices.time_of(f"{key} rows {rows}", path), choices.time_of(f"{key} rows {rows}", own)
+        if chosen and tiles and tiles <= chosen * LAYOUT_MARGIN:
+            module.paths[rows] = own
 
 
 @torch.no_grad()

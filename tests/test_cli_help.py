@@ -10,8 +10,8 @@ import pytest
 import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ["generate.py", "server.py", "convert_hf_checkpoint.py", "quantize.py", "eval.py", "scripts/bench.py",
-         "scripts/bench_streaming.py", "scripts/qat.py", "scripts/train_medusa.py", "scripts/random_model.py"]
+TOOLS = sorted(str(path.relative_to(ROOT)) for path in [*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py")]
+               if "__main__" in path.read_text() and "ArgumentParser" in path.read_text())  # every CLI
 TITLES = {"model", "generation", "compile", "quantization", "drafting", "server", "evaluation", "benchmark",
           "training", "output", "diagnostics", "torchrun"}
 UNTITLED = {"options", "optional arguments"}  # argparse's own group: -h only (its name before Python 3.10: the latter)

@@ -175,7 +175,14 @@ def test_bytes_read_per_token_count_the_decode_layout_only(layer, tmp_path):
 
     model = torch.nn.Module()
     model.tok_embeddings = torch.nn.Embedding(8, 256)  # not tied: one row read per token, not counted
-    model.output = forced(LAYERS[layer](torch.nn.Linear(256, 48, bias=False)), torch.float32, "native", tmp_path)
+    module = LAYERS[layer](torch.nn.Linear(256, 48, bias=False))
+    choices = cpu_ops.KernelChoices(tmp_path / "forced.json")  # decoded rows natively, prompts by a plain layout
+    plain = "dequant" if layer.startswith("int8 g") else "aten"
+    key = quantize.path_key(module, torch.float32)
+    choices.choices.update({f"{key} rows {rows}": {"path": "native" if rows <= 8 else plain, "us": {}}
+                            for rows in quantize.ROW_BUCKETS})
+    module.prepare_for_device(torch.float32, choices)
+    model.output = module
     names = ["tiles", "tile_scales"] if layer.startswith("int8") else ["tiles", "tile_d", "tile_m"]
     tiles = memory.tensor_bytes(getattr(model.output, name) for name in names)
     held = memory.tensor_bytes(model.output.buffers())
@@ -788,3 +795,22 @@ def test_block_timing_compiles_the_one_call_for_the_blocks_a_build_swaps_in(tiny
     with torch.no_grad():
         decode_kernels.time_block(block, torch.float32, 1)
     assert "decoder_block" in graphs["one call"] and "decoder_block" not in graphs["module path"]
+
+
+@native
+@pytest.mark.parametrize("native_us", [110.0, 200.0])
+def test_a_second_layout_is_kept_only_for_a_clearly_faster_path(native_us, tmp_path):
+    """An int4 layer whose decoded rows measured ATen's kernel marginally faster than the native one takes the
+    native path there (the tiles are kept for the other rows anyway) and frees ATen's packing; a clearly faster
+    ATen row keeps it."""
+    torch.manual_seed(0)
+    module = Int4Linear.from_linear(torch.nn.Linear(256, 96, bias=False), 32)
+    choices = cpu_ops.KernelChoices(tmp_path / "measured.json")
+    key = quantize.path_key(module, torch.float32)
+    for rows in quantize.ROW_BUCKETS:
+        own = "native" if rows <= 8 else "tiles"
+        times = {"aten": 100.0, own: native_us if rows == 1 else 50.0}
+        choices.choices[f"{key} rows {rows}"] = {"path": "aten" if rows == 1 else own, "us": times}
+    module.prepare_for_device(torch.float32, choices)
+    assert module.paths[1] == ("native" if native_us < 100 * quantize.LAYOUT_MARGIN else "aten")
+    assert hasattr(module, "packed") == (module.paths[1] == "aten")

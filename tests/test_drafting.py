@@ -326,7 +326,8 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.rule, self.vocab_size, self.layers, self.max_seq_length = rule, vocab_size, [], 64
 
-    def forward(self, idx, input_pos, mask=None, cache_pos=None, return_hidden=False):
+    def forward(self, idx, input_pos, mask=None, cache_pos=None, return_hidden=False, last_only=False):
+        idx = idx[:, -1:] if last_only else idx  # as Transformer.forward: the last position's outputs only
         hidden = torch.nn.functional.one_hot(idx, self.vocab_size).float()
         logits = torch.nn.functional.one_hot(self.rule(idx) % self.vocab_size, self.vocab_size).float() * 10
         return (logits, hidden) if return_hidden else logits
