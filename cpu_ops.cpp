@@ -609,10 +609,10 @@ inline void store16(c10::BFloat16* out, __m512 v) {  // round to nearest even (w
 
 template <typename Out>
 void int4_rows_of_tile(const uint8_t* w, const c10::Half* d, const c10::Half* m, int64_t K, int shift,
-                       int64_t tile, int64_t c0, int64_t c1, Out* out) {
+                       int64_t tile, int64_t channels, Out* out) {
   const int64_t blocks = K / BLOCK, groups = (shift == 62) ? 1 : blocks >> shift;
-  for (int64_t c = c0; c < c1; ++c) {
-    Out* row = out + (c - c0) * K;
+  for (int64_t c = 0; c < channels; ++c) {
+    Out* row = out + c * K;
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* src = w + (tile * blocks + b) * (TILE * BLOCK / 2) + c * 4;
       const int64_t at = (tile * groups + (b >> shift)) * TILE + c;
@@ -641,11 +641,11 @@ void int4_rows_of_tile(const uint8_t* w, const c10::Half* d, const c10::Half* m,
 }
 
 template <typename Out>
-void int8_rows_of_tile(const int8_t* w, const float* scales, int64_t K, int shift, int64_t tile, int64_t c0,
-                       int64_t c1, Out* out) {
+void int8_rows_of_tile(const int8_t* w, const float* scales, int64_t K, int shift, int64_t tile,
+                       int64_t channels, Out* out) {
   const int64_t blocks = K / BLOCK, groups = (shift == 62) ? 1 : blocks >> shift;
-  for (int64_t c = c0; c < c1; ++c) {
-    Out* row = out + (c - c0) * K;
+  for (int64_t c = 0; c < channels; ++c) {
+    Out* row = out + c * K;
     for (int64_t b = 0; b < blocks; ++b) {
       const int8_t* src = w + (tile * blocks + b) * (TILE * BLOCK) + c * 4;
       const float scale = scales[(tile * groups + (b >> shift)) * TILE + c];
@@ -678,12 +678,12 @@ at::Tensor rows_from_tiles(int64_t K, int64_t N, int64_t n_begin, int64_t n_end,
   const int64_t first = n_begin / TILE, last = (n_end + TILE - 1) / TILE;
   at::parallel_for(first, last, 1, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t c1 = std::min<int64_t>(TILE, n_end - t * TILE);
+      const int64_t channels = std::min<int64_t>(TILE, n_end - t * TILE);  // the last tile may be partial
       const int64_t offset = (t * TILE - n_begin) * K;
       switch (dtype) {
-        case at::kFloat: rows_of_tile(t, c1, out.data_ptr<float>() + offset); break;
-        case at::kBFloat16: rows_of_tile(t, c1, out.data_ptr<c10::BFloat16>() + offset); break;
-        default: rows_of_tile(t, c1, out.data_ptr<c10::Half>() + offset); break;
+        case at::kFloat: rows_of_tile(t, channels, out.data_ptr<float>() + offset); break;
+        case at::kBFloat16: rows_of_tile(t, channels, out.data_ptr<c10::BFloat16>() + offset); break;
+        default: rows_of_tile(t, channels, out.data_ptr<c10::Half>() + offset); break;
       }
     }
   });
@@ -696,8 +696,8 @@ at::Tensor int4_weight_rows(const at::Tensor& tiles, const at::Tensor& d, const 
   const int shift = group_shift(K, groupsize);
   const uint8_t* w = tiles.data_ptr<uint8_t>();
   const c10::Half *dp = d.data_ptr<c10::Half>(), *mp = m.data_ptr<c10::Half>();
-  return rows_from_tiles(K, N, n_begin, n_end, dtype, [&](int64_t t, int64_t c1, auto* out) {
-    int4_rows_of_tile(w, dp, mp, K, shift, t, 0, c1, out);
+  return rows_from_tiles(K, N, n_begin, n_end, dtype, [&](int64_t t, int64_t channels, auto* out) {
+    int4_rows_of_tile(w, dp, mp, K, shift, t, channels, out);
   });
 }
 
@@ -707,8 +707,8 @@ at::Tensor int8_weight_rows(const at::Tensor& tiles, const at::Tensor& scales, i
   const int shift = group_shift(K, groupsize);
   const int8_t* w = tiles.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
-  return rows_from_tiles(K, N, n_begin, n_end, dtype, [&](int64_t t, int64_t c1, auto* out) {
-    int8_rows_of_tile(w, sp, K, shift, t, 0, c1, out);
+  return rows_from_tiles(K, N, n_begin, n_end, dtype, [&](int64_t t, int64_t channels, auto* out) {
+    int8_rows_of_tile(w, sp, K, shift, t, channels, out);
   });
 }
 

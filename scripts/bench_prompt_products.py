@@ -40,6 +40,14 @@ def main(argv=None):
     bench.add_argument("--rows", default="64,512", help="prompt lengths, comma-separated")
     bench.add_argument("--runs", type=int, default=5, help="timed calls per path (the median is shown)")
     args = parser.parse_args(argv)
+    try:
+        shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
+        rows_list = [int(rows) for rows in args.rows.split(",")]
+    except ValueError:
+        parser.error(f"--shapes takes NxK pairs (e.g. 8192x2048,2048x8192) and --rows whole numbers; got "
+                     f"--shapes {args.shapes} --rows {args.rows}")
+    if any(n < 16 or n % 16 or k < 32 or k % 32 for n, k in shapes) or any(r < 1 for r in rows_list) or args.runs < 1:
+        parser.error("need N a multiple of 16, K a multiple of 32, rows and --runs at least 1")
 
     def run(_):
         if not cpu_ops.load():
@@ -48,8 +56,8 @@ def main(argv=None):
         print(f"{cpu_ops.cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         print("| NxK | rows | bf16 weights | int4 ATen | int4 tiles | int4 native | int8 ATen | int8 tiles |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for shape in args.shapes.split(","):
-            N, K = map(int, shape.split("x"))
+        for N, K in shapes:
+            shape = f"{N}x{K}"
             linear = torch.nn.Linear(K, N, bias=False)
             int4 = quantize.Int4Linear.from_linear(linear, 32)
             q = quantize.unpack_int4(int4.weight)
@@ -60,7 +68,7 @@ def main(argv=None):
             int8.prepare_for_device(torch.bfloat16)
             int8.tiles, int8.tile_scales = cpu_ops.int8_tiles(int8.weight, int8.scales)
             weight = linear.weight.detach().bfloat16()
-            for rows in map(int, args.rows.split(",")):
+            for rows in rows_list:
                 x = torch.randn(rows, K, dtype=torch.bfloat16)
                 times = [milliseconds(lambda: F.linear(x, weight), args.runs)]
                 times += [milliseconds(lambda p=p: int4.run_path(p, x), args.runs) for p in ("aten", "tiles", "native")]

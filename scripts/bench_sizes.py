@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402
 import cli  # noqa: E402
 from cli import ArgumentParser, UsageError  # noqa: E402
 
@@ -42,22 +45,12 @@ print(json.dumps({"load_s": loaded, "prefill_tok_s": len(ids) / prefill,
 
 
 def llamacpp_gguf(folder: Path, kind: str) -> Path:
+    """The F16 GGUF random_model.py wrote, or its Q8_0 / Q4_0 by llama.cpp's quantizer (written once)."""
     source = folder / "model.f16.gguf"
     if kind == "F16":
         return source
     target = folder / f"model.{kind.lower()}.gguf"
-    if not target.exists():
-        import ctypes
-
-        import llama_cpp
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
-        params.nthread = os.cpu_count() or 1
-        temporary = target.with_name(target.name + ".tmp")
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params)) != 0:
-            raise UsageError(f"llama.cpp could not quantize {source} to {kind}")
-        os.replace(temporary, target)
-    return target
+    return target if target.exists() else bench.llamacpp_quantize(source, target, kind)
 
 
 def ours(checkpoint: Path, text: str, tokens: int) -> dict:
@@ -96,6 +89,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run(_):
+        missing = [name for name in ("model.pth", "model.f16.gguf", "tokenizer.json") if not (args.folder / name).exists()]
+        if missing:
+            raise UsageError(f"{args.folder} has no {', '.join(missing)}; write one with scripts/random_model.py "
+                             "--shape SHAPE --gguf (see this script's --help)")
         from tokenizer import load_tokenizer
         from tqdm import tqdm
 

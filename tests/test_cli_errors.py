@@ -78,6 +78,10 @@ CUDA_MISSING = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the 
 
 # (id, tool, input kind, arguments ({input} is the path make_input returned), words the error line must hold)
 CASES = [
+    ("bench-sizes-no-gguf", "scripts/bench_sizes.py", "hf_folder", ["--folder", "{input}"],
+     ["has no", "model.f16.gguf", "random_model.py"]),
+    ("bench-prompt-products-bad-shape", "scripts/bench_prompt_products.py", "file", ["--shapes", "12by4"],
+     ["--shapes takes NxK pairs", "12by4"]),
     ("generate-truncated", "generate.py", "truncated", ["--checkpoint_path", "{input}"], ["is truncated or corrupt", "convert"]),
     ("generate-text-file", "generate.py", "text", ["--checkpoint_path", "{input}"], ["is not a PyTorch checkpoint"]),
     ("generate-missing-tensor", "generate.py", "missing_tensor", ["--checkpoint_path", "{input}"],
